@@ -1,0 +1,104 @@
+"""Plain-JAX definitions of the V4 attention primitives (the executable spec for the kernels).
+
+All functions share one key/value stream per batch row (MQA: one KV head of width D used as both
+key and value) and a per-head attention sink that adds ``exp(sink[h])`` to the softmax denominator
+only. Scores and softmax statistics are float32 whatever the input dtype; outputs have q's dtype.
+
+Shapes (B batch, S queries, H heads, D head width, T raw positions, N compressed entries):
+  q    [B, S, H, D]  queries at positions q_start ... q_start + S - 1
+  kv   [B, T, D]     raw per-position key/values, T >= q_start + S
+  ckv  [B, N, D]     compressed entries
+  sink [H]           float32 sink logits
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -jnp.inf
+
+
+def _precision(dtype):
+    # float32 inputs: true fp32 products (no TF32 / bf16 passes on GPU or TPU).
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _window(kv, q_start, S, window):
+    """Gather the window keys of every query: ([B, S, W, D], valid [S, W])."""
+    t = q_start + jnp.arange(S)[:, None]
+    p = t - window + 1 + jnp.arange(window)[None, :]  # [S, W]
+    valid = p >= 0
+    return jnp.take(kv, jnp.maximum(p, 0), axis=1), valid
+
+
+def _softmax_with_sink(scores, values, sink):
+    """scores [B,S,H,K] f32 (-inf = masked), values [B,S,K,D] -> [B,S,H,D] f32."""
+    m = jnp.maximum(jnp.max(scores, axis=-1), sink[None, None, :])  # sink is always finite
+    p = jnp.exp(scores - m[..., None])
+    denom = jnp.sum(p, axis=-1) + jnp.exp(sink[None, None, :] - m)
+    o = jnp.einsum("bshk,bskd->bshd", p, values.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return o / denom[..., None]
+
+
+def _scores(q, k, scale, precision):
+    return jnp.einsum("bshd,bskd->bshk", q, k, precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+
+
+def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0):
+    """CSA: window keys plus the compressed entries named by ``topk_idx [B, S, K]`` (-1 = unused)."""
+    B, S, H, D = q.shape
+    prec = _precision(q.dtype)
+    kw, wvalid = _window(kv, q_start, S, window)  # [B,S,W,D]
+    kc = jax.vmap(lambda c, i: jnp.take(c, jnp.maximum(i, 0), axis=0))(ckv, topk_idx)  # [B,S,K,D]
+    s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
+    s_c = jnp.where((topk_idx >= 0)[:, :, None, :], _scores(q, kc, scale, prec), _NEG)
+    o = _softmax_with_sink(jnp.concatenate([s_w, s_c], -1), jnp.concatenate([kw, kc], 2),
+                           sink.astype(jnp.float32))
+    return o.astype(q.dtype)
+
+
+def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: float, q_start=0):
+    """HCA: window keys plus every compressed entry ``j < (t + 1) // ratio`` of query position t."""
+    B, S, H, D = q.shape
+    N = ckv.shape[1]
+    prec = _precision(q.dtype)
+    kw, wvalid = _window(kv, q_start, S, window)
+    t = q_start + jnp.arange(S)
+    cvalid = jnp.arange(N)[None, :] < ((t + 1) // ratio)[:, None]  # [S, N]
+    s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
+    s_c = jnp.einsum("bshd,bnd->bshn", q, ckv, precision=prec, preferred_element_type=jnp.float32) * scale
+    s_c = jnp.where(cvalid[None, :, None, :], s_c, _NEG)
+    m = jnp.maximum(jnp.maximum(s_w.max(-1), s_c.max(-1)), sink[None, None, :])
+    p_w, p_c = jnp.exp(s_w - m[..., None]), jnp.exp(s_c - m[..., None])
+    denom = p_w.sum(-1) + p_c.sum(-1) + jnp.exp(sink[None, None, :] - m)
+    hi = jax.lax.Precision.HIGHEST
+    o = (jnp.einsum("bshk,bskd->bshd", p_w, kw.astype(jnp.float32), precision=hi)
+         + jnp.einsum("bshn,bnd->bshd", p_c, ckv.astype(jnp.float32), precision=hi))
+    return (o / denom[..., None]).astype(q.dtype)
+
+
+def window_attention(q, kv, sink, *, window: int, scale: float, q_start=0):
+    """Window-only layers (compress ratio 0)."""
+    B, S, H, D = q.shape
+    prec = _precision(q.dtype)
+    kw, wvalid = _window(kv, q_start, S, window)
+    s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
+    return _softmax_with_sink(s_w, kw, sink.astype(jnp.float32)).astype(q.dtype)
+
+
+def decode_attention(q, keys, valid, sink, *, scale: float):
+    """One query position per row against an explicit key set (decode step).
+
+    q [B, H, D]; keys [B, K, D] (ring-buffer window rows followed by compressed entries);
+    valid [B, K] bool; returns [B, H, D] in q's dtype.
+    """
+    prec = _precision(q.dtype)
+    s = jnp.einsum("bhd,bkd->bhk", q, keys, precision=prec, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(valid[:, None, :], s, _NEG)
+    sink = sink.astype(jnp.float32)
+    m = jnp.maximum(s.max(-1), sink[None, :])
+    p = jnp.exp(s - m[..., None])
+    denom = p.sum(-1) + jnp.exp(sink[None, :] - m)
+    o = jnp.einsum("bhk,bkd->bhd", p, keys.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return (o / denom[..., None]).astype(q.dtype)
