@@ -69,7 +69,7 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
     s_c = jnp.einsum("bshd,bnd->bshn", q, ckv, precision=prec, preferred_element_type=jnp.float32) * scale
     s_c = jnp.where(cvalid[None, :, None, :], s_c, _NEG)
-    m = jnp.maximum(jnp.maximum(s_w.max(-1), s_c.max(-1)), sink[None, None, :])
+    m = jnp.maximum(jnp.maximum(s_w.max(-1), s_c.max(-1, initial=_NEG)), sink[None, None, :])
     p_w, p_c = jnp.exp(s_w - m[..., None]), jnp.exp(s_c - m[..., None])
     denom = p_w.sum(-1) + p_c.sum(-1) + jnp.exp(sink[None, None, :] - m)
     hi = jax.lax.Precision.HIGHEST

@@ -1,0 +1,165 @@
+"""Shared entry machinery for the V4 attention kernels: validation, backend choice, custom_vjp.
+
+One differentiable function, ``attention``, serves the three layer kinds (``Spec.mode``):
+``window`` (window only), ``hca`` (window + every compressed entry ``j < (t+1)//ratio``) and
+``csa`` (window + the compressed entries named by ``topk_idx``). The public entry points in
+``sparse_attention.py`` and ``compressed_attention.py`` build a ``Spec`` and call it.
+
+Backends: ``triton`` (Pallas on GPU, ``_triton.py``), ``mosaic`` (Pallas on TPU,
+``_mosaic.py``); both run anywhere with ``interpret=True``. ``xla`` routes to
+``reference.py`` and is used only when the caller asks for it.
+
+Gradients (flash-attention style): the forward saves ``lse [B, S, H]`` (log of the softmax
+denominator, sink included); the backward recomputes the probabilities. With
+``delta = Σ_d o·do`` the sink gradient is ``d sink[h] = -Σ_{b,s} exp(sink[h] - lse) · delta``
+(the sink's probability times the derivative of the output w.r.t. the denominator), computed
+here in plain JAX; dq / dkv / dckv come from the backend's Pallas kernels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference
+
+MODES = ("window", "hca", "csa")
+BACKENDS = ("triton", "mosaic", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Static description of one attention call (hashable: a custom_vjp non-diff argument)."""
+    mode: str          # "window" | "hca" | "csa"
+    window: int        # keys t-window < p <= t
+    ratio: int         # HCA compression ratio (0 for other modes)
+    scale: float       # score scale, usually head_dim ** -0.5
+    backend: str       # "triton" | "mosaic"
+    interpret: bool    # run the Pallas kernel in interpret mode
+
+
+def resolve_backend(backend: str | None, interpret: bool) -> str:
+    """Pick the kernel family: explicit ``backend`` wins; else by ``jax.default_backend()``."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend
+    platform = jax.default_backend()
+    if platform == "gpu":
+        return "triton"
+    if platform == "tpu":
+        return "mosaic"
+    if interpret:
+        return "triton"
+    raise ValueError(
+        f"The Pallas attention kernels need a GPU or TPU, but the default JAX backend is "
+        f"{platform!r}. Pass interpret=True to run the kernel in Pallas interpret mode, or "
+        f"backend='xla' to use the plain-JAX reference explicitly.")
+
+
+def _static_int(x):
+    """The Python int value of ``x`` if it is concrete, else None."""
+    try:
+        return int(x)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
+
+
+def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_start):
+    """Check shapes and dtypes at the boundary; raise with the offending name and values."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, S, H, D], got shape {q.shape}")
+    B, S, H, D = q.shape
+    for name, x in (("q", q), ("kv", kv), ("ckv", ckv)):
+        if x is not None and x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name} dtype must be float32 or bfloat16, got {x.dtype}")
+    if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:
+        raise ValueError(f"kv must be [B={B}, T, D={D}], got shape {kv.shape}")
+    if sink.shape != (H,):
+        raise ValueError(f"sink must be [H={H}], got shape {sink.shape}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if mode != "window":
+        if ckv.ndim != 3 or ckv.shape[0] != B or ckv.shape[2] != D:
+            raise ValueError(f"ckv must be [B={B}, N, D={D}], got shape {ckv.shape}")
+    if mode == "hca" and ratio < 1:
+        raise ValueError(f"ratio must be >= 1, got {ratio}")
+    if mode == "csa":
+        if topk_idx.ndim != 3 or topk_idx.shape[:2] != (B, S) or topk_idx.shape[2] < 1:
+            raise ValueError(f"topk_idx must be [B={B}, S={S}, K>=1], got shape {topk_idx.shape}")
+        if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
+            raise ValueError(f"topk_idx must be an integer array, got {topk_idx.dtype}")
+    qs, ks = _static_int(q_start), _static_int(kv_start)
+    if qs is not None and qs < 0:
+        raise ValueError(f"q_start must be >= 0, got {qs}")
+    if ks is not None and ks < 0:
+        raise ValueError(f"kv_start must be >= 0, got {ks}")
+    if qs is not None and ks is not None and ks + kv.shape[1] < qs + S:
+        raise ValueError(
+            f"kv must cover every query position: kv_start + T = {ks + kv.shape[1]} < "
+            f"q_start + S = {qs + S}")
+
+
+def _backend_module(name):
+    if name == "triton":
+        from pallas_kernels import _triton
+        return _triton
+    from pallas_kernels import _mosaic
+    return _mosaic
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(spec: Spec, q, kv, ckv, topk_idx, sink, pos):
+    """o [B, S, H, D] for ``spec``; ``pos`` = int32 [q_start, kv_start] (kv[:, i] is position kv_start+i)."""
+    return _backend_module(spec.backend).forward(spec, q, kv, ckv, topk_idx, sink, pos)[0]
+
+
+def _attention_fwd(spec, q, kv, ckv, topk_idx, sink, pos):
+    o, lse = _backend_module(spec.backend).forward(spec, q, kv, ckv, topk_idx, sink, pos)
+    return o, (q, kv, ckv, topk_idx, sink, pos, o, lse)
+
+
+def _attention_bwd(spec, res, do):
+    q, kv, ckv, topk_idx, sink, pos, o, lse = res
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, S, H]
+    p_sink = jnp.exp(sink.astype(jnp.float32)[None, None, :] - lse)          # sink probability
+    dsink = -jnp.sum(p_sink * delta, axis=(0, 1)).astype(sink.dtype)
+    dq, dkv, dckv = _backend_module(spec.backend).backward(
+        spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do)
+    return dq, dkv, dckv, None, dsink, None
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_start,
+        interpret, backend):
+    """Validate, choose the backend and call ``attention`` (or the reference for ``xla``)."""
+    validate(mode, q, kv, ckv, topk_idx, sink, window=window, ratio=ratio,
+             q_start=q_start, kv_start=kv_start)
+    backend = resolve_backend(backend, interpret)
+    if backend == "xla":
+        if _static_int(kv_start) != 0:
+            raise ValueError("backend='xla' (the reference) supports only kv_start=0")
+        if mode == "csa":
+            return reference.sparse_attention(q, kv, ckv, topk_idx, sink, window=window,
+                                              scale=scale, q_start=q_start)
+        if mode == "hca":
+            return reference.compressed_attention(q, kv, ckv, sink, window=window, ratio=ratio,
+                                                  scale=scale, q_start=q_start)
+        return reference.window_attention(q, kv, sink, window=window, scale=scale,
+                                          q_start=q_start)
+    if mode != "window" and ckv.shape[1] == 0:
+        mode = "window"  # no complete compressed entry yet (S < ratio): d ckv is then empty
+    ckv = None if mode == "window" else ckv
+    topk_idx = topk_idx.astype(jnp.int32) if mode == "csa" else None
+    spec = Spec(mode=mode, window=int(window), ratio=int(ratio) if mode == "hca" else 0,
+                scale=float(scale), backend=backend, interpret=bool(interpret))
+    pos = jnp.stack([jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_start, jnp.int32)])
+    # Mixed dtypes compute in the promoted type, like the reference; the output has q's dtype.
+    dt = jnp.result_type(*(x for x in (q, kv, ckv) if x is not None))
+    cast = lambda x: None if x is None else x.astype(dt)
+    o = attention(spec, cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
+    return o.astype(q.dtype)

@@ -1,0 +1,417 @@
+"""Pallas-Triton (GPU) kernels for window / HCA / CSA attention: forward, dq, dkv, dckv.
+
+Layout: every program owns ``bq`` query positions x ``bh`` heads of one batch row, i.e. a tile of
+``M = bq * bh`` query rows that all read the same keys (MQA: one KV head). Key tiles of ``bk``
+rows are *gathered* by row index (``ref[rows[:, None], cols[None, :]]``), which covers the three
+key sources with one mechanism: the window span ``t0-window+1 ... t0+bq-1`` of ``kv``, the HCA
+prefix ``ckv[0 : (t+1)//ratio]`` and the CSA rows ``ckv[topk_idx[t]]`` (CSA uses ``bq = 1``:
+each position has its own top-k). Row indices are clamped into range and masked scores are
+-inf, so no load is out of bounds.
+
+Forward: online softmax whose state starts at the sink (``m = sink[h]``, ``l = 1``), so the
+sink is in the denominator with no value. For small grids (decode) the compressed blocks are
+split across ``num_splits`` programs (flash-decoding) and combined with their log-sum-exps.
+
+Backward (``lse`` saved by the forward, probabilities recomputed):
+* dq: query-major like the forward.
+* dkv (window keys) and dckv (HCA): key-major, one program per key block looping over the
+  query rows that can see it (positions ``p..p+window-1``, resp. ``t >= (j+1)*ratio-1``), all
+  heads; deterministic, no atomics.
+* dckv (CSA): the scattered top-k entries are accumulated inside the dq kernel: per key block
+  ``G = (ds*scale)^T q + p^T do`` ([bk, D], a tensor-core matmul over the heads) is added to a
+  float32 ``[N+1, D]`` buffer with ``atomic_add`` (row N absorbs the -1 slots). Races are
+  resolved by the hardware atomics; the summation order, hence the last bits, is not
+  deterministic. Interpret mode emulates the atomics sequentially (an index repeated inside one
+  row of ``topk_idx`` would be counted once there; the indexer's top-k has no repeats).
+
+Block sizes (``choose_blocks``; not timed, no GPU was available): rows per program 64 (32 for
+D=512, which keeps the f32 [rows, D] accumulator at 64 registers/thread with 8 warps), key tiles
+of 64 rows (32 for D=512; smaller in the CSA dq kernel, which also forms the dckv rows), key-major
+tiles of 32 keys x 32-64 query rows. They were chosen so that every kernel compiles for sm_90
+without register spills, checked offline by compiling the emitted Triton IR with the Triton
+compiler and ptxas (see docs/benchmarks.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_NEG_INIT = -1e30  # running max of a split that holds no sink (finite: avoids inf - inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes. Query-major kernels: bq positions x bh heads, key tiles of bk rows.
+    Key-major kernels: bkv keys per program, query steps of bqk positions x bhk heads."""
+    Hp: int
+    Dp: int
+    bq: int
+    bh: int
+    bk: int
+    bkv: int
+    bqk: int
+    bhk: int
+    bk_dq: int  # key tile of the dq kernel (smaller for CSA at D=512: it also forms dckv rows)
+    num_warps: int
+    num_stages: int = 2
+
+
+def choose_blocks(mode: str, H: int, D: int) -> Blocks:
+    Dp = max(16, pl.next_power_of_2(D))
+    rows = 64 if Dp <= 256 else 32
+    Hp = pl.next_power_of_2(H)
+    if mode == "csa":
+        Hp = max(Hp, 16)  # one position per program: the heads alone must fill a dot (M >= 16)
+    bh = min(Hp, rows)
+    bq = 1 if mode == "csa" else max(1, rows // bh)
+    bk = 64 if Dp <= 256 else 32
+    bk_dq = bk if mode != "csa" or Dp <= 64 else (32 if Dp <= 256 else 16)
+    rows_k = 64 if Dp <= 128 else 32           # key-major kernels: query rows per step
+    bhk = min(Hp, rows_k)
+    return Blocks(Hp=Hp, Dp=Dp, bq=bq, bh=bh, bk=bk, bkv=64 if Dp <= 64 else 32,
+                  bqk=max(1, rows_k // bhk), bhk=bhk, bk_dq=bk_dq, num_warps=4 if Dp <= 128 else 8)
+
+
+def _pad_to(x, shape, value=0):
+    pads = [(0, n - s) for s, n in zip(x.shape, shape)]
+    return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads, constant_values=value)
+
+
+def _dot(a, b, prec, trans_a=False, trans_b=False):
+    dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
+    return lax.dot_general(a, b, (dims, ((), ())), precision=prec,
+                           preferred_element_type=jnp.float32)
+
+
+def _precision(dtype):
+    # float32 inputs: IEEE products (Triton would use TF32 otherwise).
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+
+
+def _gather_rows(ref, rows, Dp):
+    """ref [R, Dp], rows [n] in range -> [n, Dp]."""
+    return ref[rows[:, None], jnp.arange(Dp)[None, :]]
+
+
+def _pos_rows(x, bq, bh):
+    """[bq] per position -> [bq*bh] per query row (row = position * bh + head)."""
+    return jnp.broadcast_to(x[:, None], (bq, bh)).reshape(bq * bh)
+
+
+def _head_rows(x, bq, bh):
+    """[bh] per head -> [bq*bh] per query row."""
+    return jnp.broadcast_to(x[None, :], (bq, bh)).reshape(bq * bh)
+
+
+def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body, carry,
+               kv_ref, ckv_ref, idx_ref):
+    """Run ``body(carry, keys [bk, Dp], valid [M, bk], csa_rows)`` over every key tile of a
+    query tile: window tiles (split 0 only), then this split's share of the compressed tiles."""
+    bk, Dp, M = blk.bk, blk.Dp, blk.bq * blk.bh
+    W = spec.window
+
+    def window_tile(w, carry):
+        p = t0 - W + 1 + w * bk + jnp.arange(bk)          # key positions
+        r = p - kv_start                                  # rows of kv
+        keys = _gather_rows(kv_ref, jnp.clip(r, 0, T - 1), Dp)
+        valid = ((p[None, :] <= t_row[:, None]) & (p[None, :] > t_row[:, None] - W)
+                 & ((r >= 0) & (r < T))[None, :])
+        return body(carry, keys, valid, None)
+
+    n_w = pl.cdiv(W + blk.bq - 1, bk)
+    if n_split > 1:  # window tiles only in split 0. (Pallas-Triton mis-lowers a select whose
+        n_w = n_w * (1 - jnp.minimum(split, 1))  # two branches are Python scalars: avoid it.)
+    carry = lax.fori_loop(0, n_w, window_tile, carry)
+    if spec.mode == "window":
+        return carry
+
+    if spec.mode == "hca":
+        n_valid = jnp.minimum(N, (t0 + blk.bq) // spec.ratio)  # entries seen by the last row
+        n_c = lax.div(n_valid + bk - 1, bk)
+    else:
+        n_c = Kp // bk
+    per = lax.div(n_c + n_split - 1, n_split)
+    lo = split * per
+    hi = jnp.minimum(n_c, lo + per)
+
+    def comp_tile(c, carry):
+        if spec.mode == "hca":
+            j = c * bk + jnp.arange(bk)
+            keys = _gather_rows(ckv_ref, jnp.minimum(j, N - 1), Dp)
+            valid = ((j[None, :] + 1) * spec.ratio <= t_row[:, None] + 1) & (j < N)[None, :]
+            return body(carry, keys, valid, None)
+        idx = idx_ref[pl.ds(c * bk, bk)]
+        keys = _gather_rows(ckv_ref, jnp.maximum(idx, 0), Dp)
+        valid = jnp.broadcast_to((idx >= 0)[None, :], (M, bk))
+        return body(carry, keys, valid, jnp.where(idx >= 0, idx, N))
+
+    return lax.fori_loop(lo, hi, comp_tile, carry)
+
+
+def _unpack(refs, mode, n_tail):
+    """Split kernel refs into (pos, q, kv, ckv|None, idx|None, *tail)."""
+    pos, q, kv, *rest = refs
+    ckv = idx = None
+    if mode != "window":
+        ckv, *rest = rest
+    if mode == "csa":
+        idx, *rest = rest
+    assert len(rest) == n_tail
+    return pos, q, kv, ckv, idx, rest
+
+
+def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split):
+    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, (sink_ref, o_ref, lse_ref) = _unpack(refs, spec.mode, 3)
+    bq, bh, Dp = blk.bq, blk.bh, blk.Dp
+    M = bq * bh
+    i, hb = pl.program_id(1), pl.program_id(2)
+    split = pl.program_id(3) if n_split > 1 else 0
+    q_start, kv_start = pos_ref[0], pos_ref[1]
+    t0 = q_start + i * bq
+    t_row = _pos_rows(t0 + jnp.arange(bq), bq, bh)
+    sink_row = _head_rows(sink_ref[hb * bh + jnp.arange(bh)], bq, bh)
+    q = q_ref[...].reshape(M, Dp)
+    prec = _precision(q.dtype)
+
+    def body(carry, keys, valid, _):
+        m, l, acc = carry
+        s = jnp.where(valid, _dot(q, keys, prec, trans_b=True) * spec.scale, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(keys.dtype), keys, prec)
+        return m_new, l, acc
+
+    m0, l0 = sink_row, jnp.ones((M,), jnp.float32)
+    if n_split > 1:  # the sink and the window belong to split 0
+        m0 = jnp.where(split == 0, m0, jnp.full((M,), _NEG_INIT, jnp.float32))
+        l0 = jnp.where(split == 0, l0, jnp.zeros((M,), jnp.float32))
+    carry = (m0, l0, jnp.zeros((M, Dp), jnp.float32))
+    m, l, acc = _key_loops(spec, blk, t0=t0, t_row=t_row, kv_start=kv_start, T=T, N=N, Kp=Kp,
+                           split=split, n_split=n_split, body=body, carry=carry,
+                           kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).reshape(bq, bh, Dp).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(bq, bh)
+
+
+def _choose_splits(spec, blk, B, Sp, N, Kp):
+    """Split the compressed keys across programs when the grid alone cannot fill an H100."""
+    programs = B * (Sp // blk.bq) * (blk.Hp // blk.bh)
+    n_c = pl.cdiv(N, blk.bk) if spec.mode == "hca" else Kp // blk.bk
+    if spec.mode == "window" or programs >= 264 or n_c < 4:
+        return 1
+    return int(min(pl.cdiv(264, programs), n_c // 2, 32))
+
+
+def _prepare(spec, blk, q, kv, ckv, topk_idx, sink):
+    """Pad to kernel shapes: q [B,Sp,Hp,Dp], kv [B,T,Dp], ckv [B,N,Dp], idx [B,S,Kp] (-1), sink [Hp]."""
+    B, S, H, D = q.shape
+    Sp = pl.cdiv(S, blk.bq) * blk.bq
+    qp = _pad_to(q, (B, Sp, blk.Hp, blk.Dp))
+    kvp = _pad_to(kv, (B, kv.shape[1], blk.Dp))
+    ckvp = None if ckv is None else _pad_to(ckv, (B, ckv.shape[1], blk.Dp))
+    idxp = None
+    if topk_idx is not None:
+        Kp = pl.cdiv(topk_idx.shape[2], blk.bk) * blk.bk
+        idxp = _pad_to(topk_idx, (B, S, Kp), value=-1)
+    return qp, kvp, ckvp, idxp, _pad_to(sink, (blk.Hp,))
+
+
+def _shared_specs(spec, blk, T, N, Kp):
+    """BlockSpecs of (pos, q, kv[, ckv][, idx]) for a grid (b, i, hb, ...)."""
+    specs = [pl.BlockSpec((2,), lambda *g: (0,)),
+             pl.BlockSpec((None, blk.bq, blk.bh, blk.Dp), lambda b, i, h, *_: (b, i, h, 0)),
+             pl.BlockSpec((None, T, blk.Dp), lambda b, *_: (b, 0, 0))]
+    if spec.mode != "window":
+        specs.append(pl.BlockSpec((None, N, blk.Dp), lambda b, *_: (b, 0, 0)))
+    if spec.mode == "csa":
+        specs.append(pl.BlockSpec((None, None, Kp), lambda b, i, *_: (b, i, 0)))
+    return specs
+
+
+def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
+    """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32)."""
+    B, S, H, D = q.shape
+    blk = choose_blocks(spec.mode, H, D)
+    qp, kvp, ckvp, idxp, sinkp = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
+    Sp, T = qp.shape[1], kv.shape[1]
+    N = 0 if ckv is None else ckv.shape[1]
+    Kp = 0 if idxp is None else idxp.shape[2]
+    n_split = num_splits or _choose_splits(spec, blk, B, Sp, N, Kp)
+    grid = (B, Sp // blk.bq, blk.Hp // blk.bh) + ((n_split,) if n_split > 1 else ())
+    if n_split > 1:
+        out_shape = [jax.ShapeDtypeStruct((n_split, B, Sp, blk.Hp, blk.Dp), jnp.float32),
+                     jax.ShapeDtypeStruct((n_split, B, Sp, blk.Hp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, blk.bq, blk.bh, blk.Dp), lambda b, i, h, s: (s, b, i, h, 0)),
+                     pl.BlockSpec((None, None, blk.bq, blk.bh), lambda b, i, h, s: (s, b, i, h))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                     jax.ShapeDtypeStruct((B, Sp, blk.Hp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, blk.bq, blk.bh, blk.Dp), lambda b, i, h: (b, i, h, 0)),
+                     pl.BlockSpec((None, blk.bq, blk.bh), lambda b, i, h: (b, i, h))]
+    kernel = functools.partial(_fwd_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp, n_split=n_split)
+    args = [pos, qp, kvp] + [x for x in (ckvp, idxp) if x is not None] + [sinkp]
+    o, lse = pl.pallas_call(
+        kernel, grid=grid, out_shape=out_shape, out_specs=out_specs,
+        in_specs=_shared_specs(spec, blk, T, N, Kp) + [pl.BlockSpec((blk.Hp,), lambda *g: (0,))],
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=spec.interpret, name=f"v4_{spec.mode}_attention_fwd")(*args)
+    if n_split > 1:  # combine the splits (flash-decoding)
+        lse_all = jax.nn.logsumexp(lse, axis=0)
+        o = jnp.sum(jnp.exp(lse - lse_all)[..., None] * o, axis=0).astype(q.dtype)
+        lse = lse_all
+    return o[:, :S, :H, :D], lse[:, :S, :H]
+
+
+def _dq_kernel(*refs, spec, blk, T, N, Kp):
+    csa = spec.mode == "csa"
+    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, tail = _unpack(refs, spec.mode, 6 if csa else 4)
+    if csa:  # the f32 dckv accumulator is aliased: tail = (..., acc_in, dq_out, acc_out)
+        do_ref, lse_ref, delta_ref, _, dq_ref, acc_ref = tail
+    else:
+        do_ref, lse_ref, delta_ref, dq_ref = tail
+    bq, bh, Dp = blk.bq, blk.bh, blk.Dp
+    M = bq * bh
+    i = pl.program_id(1)
+    q_start, kv_start = pos_ref[0], pos_ref[1]
+    t0 = q_start + i * bq
+    t_row = _pos_rows(t0 + jnp.arange(bq), bq, bh)
+    q = q_ref[...].reshape(M, Dp)
+    do = do_ref[...].reshape(M, Dp)
+    lse = lse_ref[...].reshape(M)
+    delta = delta_ref[...].reshape(M)
+    prec = _precision(q.dtype)
+    cols = jnp.arange(Dp)
+
+    def body(dq, keys, valid, csa_rows):
+        s = _dot(q, keys, prec, trans_b=True) * spec.scale
+        p = jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (_dot(do, keys, prec, trans_b=True) - delta[:, None])
+        if csa_rows is not None:  # scatter this tile's dckv rows (row N absorbs -1 slots)
+            g = (_dot((ds * spec.scale).astype(q.dtype), q, prec, trans_a=True)
+                 + _dot(p.astype(q.dtype), do, prec, trans_a=True))
+            plgpu.atomic_add(acc_ref, (csa_rows[:, None], cols[None, :]), g)
+        return dq + _dot(ds.astype(keys.dtype), keys, prec)
+
+    dq = _key_loops(spec, dataclasses.replace(blk, bk=blk.bk_dq), t0=t0, t_row=t_row, kv_start=kv_start, T=T, N=N, Kp=Kp,
+                    split=0, n_split=1, body=body, carry=jnp.zeros((M, Dp), jnp.float32),
+                    kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref)
+    dq_ref[...] = (dq * spec.scale).reshape(bq, bh, Dp).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *, spec, source,
+                blk, S, R):
+    """d(src) rows [kb*bkv, (kb+1)*bkv) of kv (source "window") or ckv ("hca"), all heads.
+
+    q_ref, do_ref: [Sp*Hp, Dp] (row = position * Hp + head); lse_ref, delta_ref: [Sp*Hp]."""
+    bkv, bqk, bhk, Dp, Hp = blk.bkv, blk.bqk, blk.bhk, blk.Dp, blk.Hp
+    Mk = bqk * bhk
+    Sp = q_ref.shape[0] // Hp
+    kb = pl.program_id(1)
+    q_start, kv_start = pos_ref[0], pos_ref[1]
+    j = kb * bkv + jnp.arange(bkv)
+    keys = _gather_rows(src_ref, jnp.minimum(j, R - 1), Dp)
+    prec = _precision(keys.dtype)
+    if source == "window":  # positions p see queries p ... p+window-1
+        p0 = kv_start + kb * bkv
+        s_lo = jnp.maximum(p0 - q_start, 0)
+        s_hi = jnp.minimum(S, p0 + bkv + spec.window - 1 - q_start)
+    else:  # entry j is seen by t >= (j+1)*ratio - 1
+        s_lo = jnp.maximum((kb * bkv + 1) * spec.ratio - 1 - q_start, 0)
+        s_hi = S
+    n_hb = Hp // bhk
+    n_steps = jnp.maximum(lax.div(s_hi - s_lo + bqk - 1, bqk), 0) * n_hb
+
+    def step(it, acc):
+        s_idx = s_lo + lax.div(it, n_hb) * bqk + jnp.arange(bqk)   # query positions (relative)
+        h = lax.rem(it, n_hb) * bhk + jnp.arange(bhk)
+        rows = (jnp.minimum(s_idx, Sp - 1)[:, None] * Hp + h[None, :]).reshape(Mk)
+        qr, dor = _gather_rows(q_ref, rows, Dp), _gather_rows(do_ref, rows, Dp)
+        lse, delta = lse_ref[rows], delta_ref[rows]
+        t = _pos_rows(q_start + s_idx, bqk, bhk)[:, None]
+        ok = _pos_rows(s_idx < S, bqk, bhk)[:, None] & (j < R)[None, :]
+        if source == "window":
+            pk = (kv_start + j)[None, :]
+            ok = ok & (pk <= t) & (pk > t - spec.window)
+        else:
+            ok = ok & ((j[None, :] + 1) * spec.ratio <= t + 1)
+        p = jnp.where(ok, jnp.exp(_dot(qr, keys, prec, trans_b=True) * spec.scale - lse[:, None]), 0.0)
+        ds = p * (_dot(dor, keys, prec, trans_b=True) - delta[:, None]) * spec.scale
+        acc = acc + _dot(ds.astype(qr.dtype), qr, prec, trans_a=True)
+        return acc + _dot(p.astype(qr.dtype), dor, prec, trans_a=True)
+
+    acc = lax.fori_loop(0, n_steps, step, jnp.zeros((bkv, Dp), jnp.float32))
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _key_major(spec, source, blk, qp, src, dop, lsep, deltap, pos, S):
+    """d(src) for src = kv (window) or ckv (HCA): [B, R, Dp] in src.dtype."""
+    B, Sp = qp.shape[:2]
+    R = src.shape[1]
+    Rp = pl.cdiv(R, blk.bkv) * blk.bkv
+    rows = Sp * blk.Hp
+    full_q = pl.BlockSpec((None, rows, blk.Dp), lambda b, k: (b, 0, 0))
+    full_stat = pl.BlockSpec((None, rows), lambda b, k: (b, 0))
+    out = pl.pallas_call(
+        functools.partial(_dkv_kernel, spec=spec, source=source, blk=blk, S=S, R=R),
+        grid=(B, Rp // blk.bkv),
+        in_specs=[pl.BlockSpec((2,), lambda *g: (0,)), full_q,
+                  pl.BlockSpec((None, R, blk.Dp), lambda b, k: (b, 0, 0)), full_q, full_stat, full_stat],
+        out_specs=pl.BlockSpec((None, blk.bkv, blk.Dp), lambda b, k: (b, k, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, Rp, blk.Dp), src.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=spec.interpret, name=f"v4_{source}_attention_dkv")(
+            pos, qp.reshape(B, rows, blk.Dp), src, dop.reshape(B, rows, blk.Dp),
+            lsep.reshape(B, rows), deltap.reshape(B, rows))
+    return out[:, :R]
+
+
+def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do):
+    """(dq, dkv, dckv|None) given lse, delta = sum(o*do) [B,S,H] f32 and do [B,S,H,D]."""
+    B, S, H, D = q.shape
+    blk = choose_blocks(spec.mode, H, D)
+    qp, kvp, ckvp, idxp, _ = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
+    Sp, T = qp.shape[1], kv.shape[1]
+    N = 0 if ckv is None else ckv.shape[1]
+    Kp = 0 if idxp is None else idxp.shape[2]
+    dop = _pad_to(do, qp.shape)
+    lsep = _pad_to(lse, (B, Sp, blk.Hp), value=jnp.inf)   # padded rows: probability 0
+    deltap = _pad_to(delta, (B, Sp, blk.Hp))
+
+    stat = pl.BlockSpec((None, blk.bq, blk.bh), lambda b, i, h: (b, i, h))
+    qspec = pl.BlockSpec((None, blk.bq, blk.bh, blk.Dp), lambda b, i, h: (b, i, h, 0))
+    in_specs = _shared_specs(spec, blk, T, N, Kp) + [qspec, stat, stat]
+    out_shape = [jax.ShapeDtypeStruct(qp.shape, q.dtype)]
+    out_specs = [qspec]
+    args = [pos, qp, kvp] + [x for x in (ckvp, idxp) if x is not None] + [dop, lsep, deltap]
+    aliases = {}
+    if spec.mode == "csa":
+        acc_spec = pl.BlockSpec((None, N + 1, blk.Dp), lambda b, i, h: (b, 0, 0))
+        in_specs.append(acc_spec)
+        out_specs.append(acc_spec)
+        out_shape.append(jax.ShapeDtypeStruct((B, N + 1, blk.Dp), jnp.float32))
+        aliases = {len(args): 1}
+        args.append(jnp.zeros((B, N + 1, blk.Dp), jnp.float32))
+    outs = pl.pallas_call(
+        functools.partial(_dq_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp),
+        grid=(B, Sp // blk.bq, blk.Hp // blk.bh), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+        interpret=spec.interpret, name=f"v4_{spec.mode}_attention_dq")(*args)
+    dq = outs[0][:, :S, :H, :D]
+
+    dkv = _key_major(spec, "window", blk, qp, kvp, dop, lsep, deltap, pos, S)[..., :D]
+    dckv = None
+    if spec.mode == "hca":
+        dckv = _key_major(spec, "hca", blk, qp, ckvp, dop, lsep, deltap, pos, S)[..., :D]
+    elif spec.mode == "csa":
+        dckv = outs[1][:, :N, :D].astype(ckv.dtype)
+    return dq, dkv, dckv

@@ -1,0 +1,250 @@
+"""Kernel == reference for CSA / HCA / window attention: values and gradients, interpret mode.
+
+Both kernel families (``triton`` for GPU, ``mosaic`` for TPU) run here in Pallas interpret
+mode against ``pallas_kernels.reference``. Gradients are of ``sum(o * do)`` with a random
+``do`` w.r.t. q, kv, ckv and sink. bfloat16 kernels are compared with the float32 reference on
+the same (bf16-valued) inputs. The lowering tests check, from CPU, that every kernel lowers to
+Triton IR (``cuda``) and to Mosaic (``tpu``) at V4-Flash shapes; compiling and running them
+needs the accelerator.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import reference as ref
+
+BACKENDS = ("triton", "mosaic")
+MODES = ("window", "hca", "csa")
+CSA_RATIO = 4  # the indexer picks among j < (t+1)//4
+
+
+def _topk(rng, B, S, K, q_start, N):
+    """[B, S, K] int32: distinct random causal entries per row, -1 in random slots; rows whose
+    position has no complete compressed entry yet are all -1."""
+    idx = np.full((B, S, K), -1, np.int32)
+    for b in range(B):
+        for s in range(S):
+            n = min(N, (q_start + s + 1) // CSA_RATIO)
+            k = int(rng.integers(0, min(n, K) + 1))
+            if k:
+                slots = rng.choice(K, k, replace=False)
+                idx[b, s, slots] = rng.choice(n, k, replace=False)
+    return jnp.asarray(idx)
+
+
+def _make(case, mode, seed=0):
+    """Random inputs for a case: (args dict, static kwargs)."""
+    rng = np.random.default_rng(seed)
+    B, S, H, D, q_start = case["B"], case["S"], case["H"], case["D"], case["q_start"]
+    T = q_start + S + 3                      # 3 future positions that no query may see
+    ratio = case["ratio"] if mode == "hca" else CSA_RATIO
+    N = max(T // ratio, 1)
+    dt = case["dtype"]
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dt)
+    args = dict(q=normal(B, S, H, D), kv=normal(B, T, D), ckv=normal(B, N, D),
+                sink=jnp.asarray(rng.standard_normal(H), jnp.float32),
+                do=jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32).astype(dt))
+    if mode == "csa":
+        args["idx"] = _topk(rng, B, S, case["K"], q_start, N)
+    kw = dict(window=case["W"], scale=D ** -0.5, q_start=q_start)
+    if mode == "hca":
+        kw["ratio"] = ratio
+    return args, kw
+
+
+def _call(mode, impl, args, kw, **extra):
+    """o = attention(q, kv, ckv, sink) as a function of the differentiable inputs."""
+    def f(q, kv, ckv, sink):
+        if mode == "csa":
+            return impl.sparse_attention(q, kv, ckv, args["idx"], sink, **kw, **extra)
+        if mode == "hca":
+            return impl.compressed_attention(q, kv, ckv, sink, **kw, **extra)
+        return impl.window_attention(q, kv, sink, **kw, **extra)
+    return f
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _value_and_grads(f, q, kv, ckv, sink, do):
+    o, vjp = jax.vjp(f, q, kv, ckv, sink)
+    return o, vjp(do.astype(o.dtype))
+
+
+def _assert_close(actual, expected, tol):
+    """|a - e| <= tol * (|e| + max|e|): relative, with a floor at the tensor's own scale."""
+    actual = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), actual)
+    expected = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        chex.assert_trees_all_close(a, e, rtol=tol, atol=tol * float(jnp.max(jnp.abs(e)) + 1e-30))
+
+
+def _check(mode, backend, case, seed=0):
+    args, kw = _make(case, mode, seed)
+    f32 = lambda x: x.astype(jnp.float32)
+    kernel = _call(mode, pk, args, kw, interpret=True, backend=backend)
+    o, grads = _value_and_grads(kernel, args["q"], args["kv"], args["ckv"], args["sink"], args["do"])
+    o_ref, grads_ref = _value_and_grads(_call(mode, ref, args, kw), f32(args["q"]), f32(args["kv"]),
+                                        f32(args["ckv"]), args["sink"], f32(args["do"]))
+    B, S, H, D = args["q"].shape
+    chex.assert_shape(o, (B, S, H, D))
+    assert o.dtype == args["q"].dtype
+    chex.assert_trees_all_equal_shapes(grads, (args["q"], args["kv"], args["ckv"], args["sink"]))
+    tol = 1e-5 if case["dtype"] == jnp.float32 else 1e-2
+    _assert_close(o, o_ref, tol)
+    names = ("dq", "dkv", "dckv", "dsink")
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        if mode == "window" and name == "dckv":
+            continue
+        assert bool(jnp.all(jnp.isfinite(g))), name
+        _assert_close(g, g_ref, tol)
+
+
+CASES = {
+    # chunked prefill: q_start > 0, S not a multiple of any block, -1 padding incl. empty rows
+    "chunk_f32": dict(B=2, S=37, H=4, D=64, q_start=11, W=8, ratio=4, K=6, dtype=jnp.float32),
+    # the very start: fewer keys than the window; a single head
+    "start_h1_f32": dict(B=1, S=21, H=1, D=128, q_start=0, W=32, ratio=4, K=5, dtype=jnp.float32),
+    "bf16_h16_d256": dict(B=1, S=24, H=16, D=256, q_start=5, W=16, ratio=8, K=8, dtype=jnp.bfloat16),
+}
+SLOW_CASES = {
+    # V4-Flash head shape (H=64, D=512), K not a multiple of the key tile
+    "v4_heads_bf16": dict(B=1, S=5, H=64, D=512, q_start=290, W=128, ratio=128, K=40, dtype=jnp.bfloat16),
+    "v4_heads_f32": dict(B=1, S=3, H=64, D=512, q_start=140, W=128, ratio=16, K=24, dtype=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, mode, case):
+    _check(mode, backend, CASES[case])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(SLOW_CASES))
+@pytest.mark.parametrize("mode", ("hca", "csa"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_v4_heads(backend, mode, case):
+    _check(mode, backend, SLOW_CASES[case])
+
+
+@pytest.mark.parametrize("mode", ("hca", "csa"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_with_window_buffer(backend, mode):
+    """One query at a traced position t against only its last kv rows (kv_start > 0), with
+    enough compressed keys that the GPU forward splits them across programs."""
+    rng = np.random.default_rng(3)
+    B, H, D, W, t = 2, 4, 64, 8, 1299
+    N = (t + 1) // 4
+    q = jnp.asarray(rng.standard_normal((B, 1, H, D)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((B, t + 1, D)), jnp.float32)
+    ckv = jnp.asarray(rng.standard_normal((B, N, D)), jnp.float32)
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(N, 300, replace=False) for _ in range(B)])[:, None])
+    kw = dict(window=W, scale=D ** -0.5)
+
+    @jax.jit
+    def kernel(pos):
+        tail = kv[:, t + 1 - W:]
+        if mode == "hca":
+            return pk.compressed_attention(q, tail, ckv, sink, ratio=4, q_start=pos, kv_start=pos + 1 - W,
+                                           interpret=True, backend=backend, **kw)
+        return pk.sparse_attention(q, tail, ckv, idx, sink, q_start=pos, kv_start=pos + 1 - W,
+                                   interpret=True, backend=backend, **kw)
+
+    if mode == "hca":
+        expected = ref.compressed_attention(q, kv, ckv, sink, ratio=4, q_start=t, **kw)
+    else:
+        expected = ref.sparse_attention(q, kv, ckv, idx, sink, q_start=t, **kw)
+    _assert_close(kernel(jnp.int32(t)), expected, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_compressed_entries_yet(backend):
+    """S < ratio: ckv is [B, 0, D]; HCA and CSA reduce to window attention, d ckv is empty."""
+    rng = np.random.default_rng(4)
+    B, S, H, D, W = 1, 3, 2, 16, 2
+    q = jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((B, S, D)), jnp.float32)
+    ckv = jnp.zeros((B, 0, D), jnp.float32)
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = -jnp.ones((B, S, 4), jnp.int32)
+    kw = dict(window=W, scale=D ** -0.5, interpret=True, backend=backend)
+    hca = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
+    _assert_close(hca, ref.compressed_attention(q, kv, ckv, sink, window=W, ratio=128, scale=D ** -0.5), 1e-5)
+    csa = lambda c: pk.sparse_attention(q, kv, c, idx, sink, **kw)
+    _assert_close(csa(ckv), ref.window_attention(q, kv, sink, window=W, scale=D ** -0.5), 1e-5)
+    chex.assert_shape(jax.grad(lambda c: jnp.sum(csa(c)))(ckv), (B, 0, D))
+
+
+def test_mixed_dtypes_promote_like_the_reference():
+    """f32 queries with bf16 key/values compute in f32 and return q's dtype."""
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 16)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((1, 9, 16)), jnp.bfloat16)
+    ckv = jnp.asarray(rng.standard_normal((1, 4, 16)), jnp.bfloat16)
+    sink = jnp.zeros((2,), jnp.float32)
+    kw = dict(window=3, ratio=2, scale=0.25)
+    got = pk.compressed_attention(q, kv, ckv, sink, interpret=True, **kw)
+    assert got.dtype == jnp.float32
+    _assert_close(got, ref.compressed_attention(q, kv, ckv, sink, **kw), 1e-5)
+
+
+def test_cpu_without_interpret_is_an_error():
+    if jax.default_backend() != "cpu":
+        pytest.skip("only meaningful on a CPU-only JAX")
+    q = jnp.zeros((1, 2, 1, 16))
+    with pytest.raises(ValueError, match="interpret=True"):
+        pk.window_attention(q, jnp.zeros((1, 2, 16)), jnp.zeros((1,)), window=2, scale=1.0)
+
+
+def test_xla_backend_is_the_reference():
+    args, kw = _make(CASES["chunk_f32"], "csa")
+    got = pk.sparse_attention(args["q"], args["kv"], args["ckv"], args["idx"], args["sink"],
+                              backend="xla", **kw)
+    want = ref.sparse_attention(args["q"], args["kv"], args["ckv"], args["idx"], args["sink"], **kw)
+    chex.assert_trees_all_equal(got, want)
+
+
+def test_rejects_bad_shapes():
+    q = jnp.zeros((1, 4, 2, 16))
+    with pytest.raises(ValueError, match="kv must cover"):
+        pk.window_attention(q, jnp.zeros((1, 3, 16)), jnp.zeros((2,)), window=2, scale=1.0,
+                            interpret=True)
+    with pytest.raises(ValueError, match="sink"):
+        pk.window_attention(q, jnp.zeros((1, 4, 16)), jnp.zeros((3,)), window=2, scale=1.0,
+                            interpret=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend,platform", [("triton", "cuda"), ("mosaic", "tpu")])
+def test_lowers_for_accelerator(backend, platform, mode):
+    """Forward and backward lower (jaxpr -> Triton IR / Mosaic) at V4-Flash shapes, bf16."""
+    B, S, H, D, W = 1, 256, 64, 512, 128
+    sd = jax.ShapeDtypeStruct
+    q, kv, sink = sd((B, S, H, D), jnp.bfloat16), sd((B, S, D), jnp.bfloat16), sd((H,), jnp.float32)
+    ckv = sd((B, S // (4 if mode == "csa" else 128), D), jnp.bfloat16)
+    idx = sd((B, S, 512), jnp.int32)
+    kw = dict(window=W, scale=D ** -0.5, backend=backend)
+
+    def f(q, kv, ckv, idx, sink):
+        if mode == "csa":
+            o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
+        elif mode == "hca":
+            o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
+        else:
+            o = pk.window_attention(q, kv, sink, **kw)
+        return jnp.sum(o.astype(jnp.float32))
+
+    lowered = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 4))).trace(
+        q, kv, ckv, idx, sink).lower(lowering_platforms=(platform,))
+    text = lowered.as_text()
+    target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
+    n_kernels = text.count(target)
+    assert n_kernels == {"window": 3, "hca": 4, "csa": 3 if backend == "triton" else 4}[mode], n_kernels

@@ -1,0 +1,115 @@
+"""Load a released-layout checkpoint (HF safetensors + ``config.json``) into a ``Transformer``.
+
+    model = load_model("path/to/DeepSeek-V4-Flash", mode="exact")            # dequantised fp32
+    model = load_model(path, mode="production", layout="released")         # FP8 / FP4 kept, served as is
+
+The checkpoint is validated against the tensor set the spec gives for its config before anything is
+loaded (missing, unexpected, wrong dtype, wrong shape: every problem named). Tensors are read one at
+a time from memory maps and moved to the device as they are converted.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from v4jax import quant
+from v4jax.config import ModelConfig, from_hf_config
+from v4jax.hf.names import expected_tensors, expert_stack, path_to_name, tensor_names
+from v4jax.hf.safetensors import CheckpointError, SafetensorsReader
+from v4jax.model.layers import WeightLayout
+from v4jax.model.transformer import Transformer
+
+_MAX_LISTED = 20
+
+
+def validate(reader: SafetensorsReader, cfg: ModelConfig) -> None:
+    """Raise ``CheckpointError`` naming every missing, unexpected, mistyped or misshapen tensor."""
+    expected = expected_tensors(cfg)
+    problems = []
+    for name, (dtype, shape) in expected.items():
+        if name not in reader:
+            problems.append(f"missing tensor {name!r} ({dtype}{list(shape)})")
+            continue
+        info = reader.info(name)
+        if info.dtype != dtype:
+            problems.append(f"tensor {name!r} has dtype {info.dtype}, expected {dtype}")
+        if tuple(info.shape) != tuple(shape):
+            problems.append(f"tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
+    for name in sorted(set(reader.keys()) - set(expected)):
+        problems.append(f"unexpected tensor {name!r} ({reader.info(name).dtype}{list(reader.info(name).shape)})")
+    if problems:
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise CheckpointError(f"checkpoint at {reader.path} does not match its config.json "
+                              f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
+
+
+def _read(reader: SafetensorsReader, name: str, target, n_experts: int) -> np.ndarray:
+    """Build one model leaf (abstract ``target`` with shape / dtype) from its checkpoint tensor(s)."""
+    parts = []
+    for tname in tensor_names(name, n_experts):
+        a = reader[tname]
+        tdtype = np.dtype(target.dtype)
+        if tname.endswith(".weight") and a.dtype != tdtype and tname[:-7] + ".scale" in reader:
+            scale = reader[tname[:-7] + ".scale"]
+            if reader.info(tname).dtype == "I8":
+                a = quant.dequant_fp4(a, scale, np.float32)
+            else:
+                a = quant.dequant_fp8(a, scale, np.float32)
+        parts.append(a)
+    a = np.stack(parts) if expert_stack(name) is not None else parts[0]
+    if a.shape != tuple(target.shape):
+        if a.size == int(np.prod(target.shape)) and name.endswith("wo_a.weight"):
+            a = a.reshape(target.shape)  # float layout: [G*r, in] -> [G, r, in]
+        else:
+            raise CheckpointError(f"tensor {name!r}: checkpoint gives shape {list(a.shape)}, the model "
+                                  f"expects {list(target.shape)}")
+    return a.astype(target.dtype)
+
+
+def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool = True) -> None:
+    """Fill ``model`` (built for the checkpoint's config, possibly abstract) in place from ``path``."""
+    cfg = model.cfg
+    with SafetensorsReader(path) as reader:
+        validate(reader, cfg)
+        state = nnx.state(model)
+        leaves = jax.tree_util.tree_leaves_with_path(state.to_pure_dict())
+        bar = tqdm(total=len(reader), desc="loading", unit="tensor", disable=not progress)
+        new = {}
+        for kp, target in leaves:
+            name = path_to_name(tuple(k.key for k in kp))
+            new[name] = jnp.asarray(_read(reader, name, target, cfg.n_routed_experts))
+            bar.update(len(tensor_names(name, cfg.n_routed_experts)))
+        bar.close()
+    pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))],
+                                            state.to_pure_dict())
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "float",
+               dtype=jnp.float32, attention_impl: str | None = None, progress: bool = True) -> Transformer:
+    """Build a ``Transformer`` for the checkpoint at ``path`` and load its weights.
+
+    ``layout="float"``: dequantise every weight to ``dtype``; ``layout="released"``: keep the release's
+    FP8 / FP4 / BF16 tensors and dequantise on use. ``attention_impl`` overrides ``xla`` / ``pallas``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory does not exist: {path}")
+    overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
+    cfg = from_hf_config(path, **overrides)
+    if layout == "float":
+        wl = WeightLayout.float(dtype)
+    elif layout == "released":
+        wl = WeightLayout.released(cfg)
+    else:
+        raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
+    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0)))
+    load_params(model, path, progress=progress)
+    return model

@@ -1,0 +1,216 @@
+"""V4 attention: one shared KV head, sliding window + compressed entries (CSA / HCA), sink, grouped output.
+
+Per layer, ``compress_ratio`` decides the keys a query at position t sees (SPEC §2):
+  * 0   — the window ``max(0, t-win+1) … t`` only;
+  * 4   — CSA: the window plus the lightning indexer's top-k compressed entries;
+  * m   — HCA: the window plus every compressed entry ``j < (t+1)//m``.
+The attention math is ``pallas_kernels`` (``attention_impl: pallas``) or its plain-JAX reference
+(``attention_impl: xla``) behind the same call.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from pallas_kernels import reference
+from v4jax import quant
+from v4jax.config import ModelConfig
+from v4jax.model.cache import AttnCache, ring_from_sequence, ring_positions
+from v4jax.model.compressor import Compressor
+from v4jax.model.indexer import Indexer, topk_indices
+from v4jax.model.layers import Linear, Numerics, RMSNorm, WeightLayout, fp8_scale_shape, param, rms_norm
+from v4jax.model.layers import _init_normal, _placeholder
+from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
+
+import ml_dtypes
+
+
+class GroupedLinear(nnx.Module):
+    """``wo_a``: G independent maps ``[H·hd/G] -> [o_lora_rank]``.
+
+    Float layout stores ``weight [G, r, H·hd/G]``; the released FP8 layout stores the checkpoint's
+    group-major ``[G·r, H·hd/G]`` with its block scales. Applied without activation quantisation
+    (the reference dequantises this weight to bf16 at load).
+    """
+
+    def __init__(self, groups: int, in_dim: int, rank: int, *, numerics: Numerics, layout: WeightLayout,
+                 rngs: nnx.Rngs):
+        self.groups, self.in_dim, self.rank, self.fmt = groups, in_dim, rank, layout.fp8
+        self.numerics = numerics
+        if self.fmt == "fp8":
+            self.weight = param(_placeholder((groups * rank, in_dim), ml_dtypes.float8_e4m3fn), ("o_lora", "heads"))
+            self.scale = param(_placeholder(fp8_scale_shape(groups * rank, in_dim), ml_dtypes.float8_e8m0fnu),
+                               ("o_lora", "heads"))
+        else:
+            self.weight = param(_init_normal(rngs, (groups, rank, in_dim), in_dim, layout.dtype),
+                                ("o_groups", "o_lora", "heads"))
+
+    def dequantized(self, dtype=jnp.float32):
+        if self.fmt == "fp8":
+            w = quant.dequant_fp8(self.weight[...], self.scale[...], jnp.float32)
+            return w.reshape(self.groups, self.rank, self.in_dim).astype(dtype)
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, o):
+        """o ``[..., G, H·hd/G]`` -> ``[..., G·r]``."""
+        w = self.dequantized(o.dtype)
+        y = jnp.einsum("...gi,gri->...gr", o, w, precision=self.numerics.precision,
+                       preferred_element_type=jnp.float32).astype(o.dtype)
+        return y.reshape(*y.shape[:-2], -1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, *, numerics: Numerics, layout: WeightLayout,
+                 rngs: nnx.Rngs):
+        D, H, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, hd, cfg.qk_rope_head_dim
+        self.window, self.ratio, self.eps = cfg.sliding_window, ratio, cfg.rms_norm_eps
+        self.impl, self.numerics = cfg.attention_impl, numerics
+        self.rope_freqs = tuple(float(f) for f in layer_frequencies(cfg, ratio))
+        fp8 = dict(numerics=numerics, rngs=rngs, fmt=layout.fp8, param_dtype=layout.dtype)
+        self.wq_a = Linear(D, cfg.q_lora_rank, axes=("q_lora", "embed"), qat_input=True, **fp8)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, self.eps, param_dtype=layout.bf16)
+        self.wq_b = Linear(cfg.q_lora_rank, H * hd, axes=("heads", "q_lora"), qat_input=True, **fp8)
+        self.wkv = Linear(D, hd, axes=("head_dim", "embed"), qat_input=True, **fp8)
+        self.kv_norm = RMSNorm(hd, self.eps, param_dtype=layout.bf16)
+        self.wo_a = GroupedLinear(cfg.o_groups, H * hd // cfg.o_groups, cfg.o_lora_rank, numerics=numerics,
+                                  layout=layout, rngs=rngs)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D, axes=("embed", "o_lora"), qat_input=True, **fp8)
+        self.attn_sink = param(jnp.zeros((H,), jnp.float32), ("heads",))
+        self.compressor = (Compressor(D, hd, ratio, rope_freqs=self.rope_freqs, rotate=False, eps=self.eps,
+                                      numerics=numerics, rngs=rngs, param_dtype=layout.bf16) if ratio else None)
+        self.indexer = (Indexer(cfg, rope_freqs=self.rope_freqs, numerics=numerics, layout=layout, rngs=rngs)
+                        if ratio == 4 else None)
+
+    # ------------------------------------------------------------------ pieces shared by prefill and decode
+    def _rope(self, pos):
+        return rope_tables(pos, np.asarray(self.rope_freqs, np.float32))
+
+    def _quant_kv(self, kv):
+        """qat: FP8 fake quantisation of the non-RoPE dims in blocks of 64 (SPEC §5b)."""
+        if not self.numerics.qat:
+            return kv
+        n = self.head_dim - self.rope_dim
+        return jnp.concatenate([quant.fake_quant_fp8(kv[..., :n], 64), kv[..., n:]], axis=-1)
+
+    def _qkv(self, x, pos):
+        """x ``[B, S, D]`` -> (qr, q ``[B, S, H, hd]``, kv ``[B, S, hd]``), RoPE applied."""
+        B, S, _ = x.shape
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm(self.wq_b(qr).reshape(B, S, self.n_heads, self.head_dim), None, self.eps)
+        kv = self.kv_norm(self.wkv(x))
+        cos, sin = self._rope(pos)
+        q = apply_rope(q, cos[..., None, :], sin[..., None, :])
+        kv = self._quant_kv(apply_rope(kv, cos, sin))
+        return qr, q, kv
+
+    def _output(self, o, pos):
+        """o ``[B, S, H, hd]`` -> de-rotated, grouped low-rank output ``[B, S, D]``."""
+        cos, sin = self._rope(pos)
+        o = apply_rope(o, cos[..., None, :], sin[..., None, :], inverse=True)
+        B, S = o.shape[:2]
+        return self.wo_b(self.wo_a(o.reshape(B, S, self.wo_a.groups, -1)))
+
+    def _kernels(self):
+        if self.impl == "pallas":
+            return pallas_kernels, dict(interpret=jax.default_backend() == "cpu")
+        return reference, {}
+
+    # ------------------------------------------------------------------ prefill / training
+    def __call__(self, x, *, max_len: int | None = None):
+        """Full sequence from position 0. x ``[B, S, D]`` -> (out ``[B, S, D]``, AttnCache | None).
+
+        With ``max_len`` the decoding cache for that many positions is returned too.
+        """
+        B, S, _ = x.shape
+        pos = jnp.arange(S)
+        qr, q, kv = self._qkv(x, pos)
+        scale = self.head_dim ** -0.5
+        sink = self.attn_sink[...]
+        fns, kw = self._kernels()
+        cache = {}
+        if self.ratio == 0:
+            o = fns.window_attention(q, kv, sink, window=self.window, scale=scale, **kw)
+        else:
+            entries, ck, cs = self.compressor(x)
+            ckv = self._quant_kv(entries.astype(x.dtype))
+            if max_len is not None:
+                cache.update(ckv=_fill(ckv, max_len // self.ratio), comp_k=None, comp_s=None)
+                cache["comp_k"], cache["comp_s"] = self.compressor.state_from_prefill(ck, cs)
+            if self.ratio == 4:
+                ientries, ik, is_ = self.indexer.compressor(x)
+                ikeys = self.indexer.keys(ientries)
+                qi, w = self.indexer.queries(x, qr, pos)
+                topk = self.indexer.select(qi, w, ikeys, pos)
+                o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
+                if max_len is not None:
+                    cache["ikv"] = _fill(ikeys, max_len // 4)
+                    cache["icomp_k"], cache["icomp_s"] = self.indexer.compressor.state_from_prefill(ik, is_)
+            else:
+                o = fns.compressed_attention(q, kv, ckv, sink, window=self.window, ratio=self.ratio,
+                                             scale=scale, **kw)
+        out = self._output(o, pos)
+        if max_len is None:
+            return out, None
+        return out, AttnCache(win_kv=ring_from_sequence(kv, self.window), **cache)
+
+    def empty_cache(self, batch: int, max_len: int, dtype) -> AttnCache:
+        c = AttnCache(win_kv=jnp.zeros((batch, self.window, self.head_dim), dtype))
+        if self.ratio:
+            ck, cs = self.compressor.empty_state(batch)
+            c = c.replace(ckv=jnp.zeros((batch, max_len // self.ratio, self.head_dim), dtype), comp_k=ck, comp_s=cs)
+        if self.ratio == 4:
+            ik, is_ = self.indexer.compressor.empty_state(batch)
+            c = c.replace(ikv=jnp.zeros((batch, max_len // 4, self.indexer.head_dim), jnp.float32),
+                          icomp_k=ik, icomp_s=is_)
+        return c
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, x, t, cache: AttnCache):
+        """One token x ``[B, 1, D]`` at position t (int32 scalar) -> (out ``[B, 1, D]``, new cache)."""
+        B = x.shape[0]
+        pos = t[None]
+        qr, q, kv = self._qkv(x, pos)
+        win_kv = jax.lax.dynamic_update_slice_in_dim(cache.win_kv, kv.astype(cache.win_kv.dtype),
+                                                     t % self.window, axis=1)
+        keys = [win_kv]
+        valid = [jnp.broadcast_to(ring_positions(t, self.window) >= 0, (B, self.window))]
+        new = dict(win_kv=win_kv)
+        if self.ratio:
+            entry, done, (ck, cs) = self.compressor.decode(x, t, (cache.comp_k, cache.comp_s))
+            ckv = _write_entry(cache.ckv, self._quant_kv(entry.astype(x.dtype)), done, t, self.ratio)
+            new.update(ckv=ckv, comp_k=ck, comp_s=cs)
+            if self.ratio == 4:
+                ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
+                ikv = _write_entry(cache.ikv, self.indexer.keys(ientry), done, t, 4)
+                qi, w = self.indexer.queries(x, qr, pos)
+                idx = topk_indices(self.indexer.scores(qi, w, ikv, pos), self.indexer.topk)[:, 0]  # [B, K]
+                keys.append(jnp.take_along_axis(ckv, jnp.maximum(idx, 0)[..., None], axis=1))
+                valid.append(idx >= 0)
+                new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
+            else:
+                keys.append(ckv)
+                valid.append(jnp.broadcast_to(jnp.arange(ckv.shape[1]) < (t + 1) // self.ratio, (B, ckv.shape[1])))
+        o = reference.decode_attention(q[:, 0], jnp.concatenate(keys, 1).astype(q.dtype),
+                                       jnp.concatenate(valid, 1), self.attn_sink[...], scale=self.head_dim ** -0.5)
+        return self._output(o[:, None], pos), cache.replace(**new)
+
+
+def _fill(entries, n: int):
+    """Entries ``[B, N, d]`` of a prefill placed at the start of a ``[B, n, d]`` buffer."""
+    if entries.shape[1] > n:
+        raise ValueError(f"prefill produced {entries.shape[1]} compressed entries, the cache holds {n}")
+    return jnp.pad(entries, ((0, 0), (0, n - entries.shape[1]), (0, 0)))
+
+
+def _write_entry(buf, entry, done, t, ratio: int):
+    """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``."""
+    if buf.shape[1] == 0:  # max_len < ratio: no entry ever completes
+        return buf
+    j = jnp.maximum((t + 1) // ratio - 1, 0)
+    old = jax.lax.dynamic_slice_in_dim(buf, j, 1, axis=1)
+    row = jnp.where(done, entry[:, None].astype(buf.dtype), old)
+    return jax.lax.dynamic_update_slice_in_dim(buf, row, j, axis=1)

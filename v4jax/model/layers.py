@@ -1,0 +1,166 @@
+"""Numerics, RMSNorm, Linear (float / FP8-block / FP4 weights) and Embed.
+
+Weight formats (``fmt``):
+  * ``"float"``   — a dense float weight ``[out, in]`` (training, dequantised loading);
+  * ``"fp8"``     — the released FP8 e4m3 weight with E8M0 128x128 block scales, dequantised on use;
+  * ``"fp4"``     — packed e2m1 codes with E8M0 1x32 scales (routed experts), dequantised on use.
+Parameters carry logical axis names (``sharding_names``) that ``v4jax.sharding`` maps onto a mesh.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from v4jax import quant
+from v4jax.config import MODES
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How a forward pass computes (SPEC §5): ``exact`` | ``qat`` | ``production``."""
+    mode: str = "exact"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"numerics mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def dtype(self):
+        """Activation dtype."""
+        return jnp.bfloat16 if self.mode == "production" else jnp.float32
+
+    @property
+    def qat(self) -> bool:
+        return self.mode == "qat"
+
+    @property
+    def precision(self):
+        # exact / qat: true fp32 products everywhere (no TF32 or bf16 passes on accelerators)
+        return jax.lax.Precision.DEFAULT if self.mode == "production" else jax.lax.Precision.HIGHEST
+
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How parameters are stored.
+
+    ``fp8``: format of the layers the release stores in FP8 (``"fp8"`` keeps them so, ``"float"``
+    dequantises); ``experts``: format of routed experts (``"fp4"`` | ``"fp8"`` | ``"float"``);
+    ``dtype``: dtype of float weights of those layers; ``bf16``: dtype of the tensors the release
+    stores in BF16 (embedding, head, norms, compressor, gate, indexer weights_proj).
+    """
+    fp8: str = "float"
+    experts: str = "float"
+    dtype: object = jnp.float32
+    bf16: object = jnp.float32
+
+    @staticmethod
+    def float(dtype=jnp.float32) -> "WeightLayout":
+        """Every weight a dense float array of ``dtype`` (training, dequantised loading)."""
+        return WeightLayout("float", "float", dtype, dtype)
+
+    @staticmethod
+    def released(cfg) -> "WeightLayout":
+        """The dtypes of the released checkpoint (SPEC §4), served as they are."""
+        if cfg.quantization_config is None:
+            return WeightLayout("float", "float", jnp.bfloat16, jnp.bfloat16)
+        experts = {"fp4": "fp4", "fp8": "fp8"}.get(cfg.expert_dtype, "float")
+        return WeightLayout("fp8", experts, jnp.bfloat16, jnp.bfloat16)
+
+
+def param(value, axes: tuple) -> nnx.Param:
+    """A parameter annotated with logical axis names (one per dim)."""
+    assert len(axes) == np.ndim(value), (axes, np.shape(value))
+    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+
+
+def dot(x, w, numerics: Numerics, out_dtype=None):
+    """``x @ w.T`` with ``w [out, in]``; fp32 accumulation, output in ``out_dtype`` (default: x's dtype)."""
+    out = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=numerics.precision,
+                     preferred_element_type=jnp.float32)
+    return out.astype(out_dtype or x.dtype)
+
+
+def dot_f32(x, w):
+    """An fp32 island: both operands upcast, true fp32 products."""
+    return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
+
+
+def rms_norm(x, weight, eps: float):
+    """RMSNorm computed in fp32 (reduction precision), returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = param(jnp.ones((dim,), param_dtype), ("norm",))
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def _init_normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * (1.0 / math.sqrt(fan_in))).astype(dtype)
+
+
+def _placeholder(shape, dtype):
+    """Zero bytes of a quantised dtype (filled by the checkpoint loader)."""
+    return jnp.asarray(np.zeros(shape, dtype=np.dtype(dtype)))
+
+
+def fp8_scale_shape(out_dim: int, in_dim: int) -> tuple[int, int]:
+    return (-(-out_dim // quant.FP8_BLOCK), -(-in_dim // quant.FP8_BLOCK))
+
+
+class Linear(nnx.Module):
+    """``y = x @ W.T`` with ``W [out, in]`` in one of the weight formats.
+
+    ``qat_input``: in ``qat`` mode, fake-quantise the input per token in blocks of 128 (SPEC §5a) —
+    true for the layers the release stores in FP8/FP4.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, numerics: Numerics, rngs: nnx.Rngs, fmt: str = "float",
+                 axes=("mlp", "embed"), qat_input: bool = False, param_dtype=jnp.float32):
+        self.in_dim, self.out_dim, self.fmt = in_dim, out_dim, fmt
+        self.numerics, self.qat_input = numerics, qat_input
+        if fmt == "float":
+            self.weight = param(_init_normal(rngs, (out_dim, in_dim), in_dim, param_dtype), axes)
+        elif fmt == "fp8":
+            self.weight = param(_placeholder((out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
+            self.scale = param(_placeholder(fp8_scale_shape(out_dim, in_dim), ml_dtypes.float8_e8m0fnu), axes)
+        else:
+            raise ValueError(f"Linear: unknown weight format {fmt!r}")
+
+    def dequantized(self, dtype=jnp.float32):
+        """The weight ``[out, in]`` as ``dtype``."""
+        if self.fmt == "fp8":
+            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
+        return self.weight[...].astype(dtype)
+
+    def __call__(self, x):
+        if self.numerics.qat and self.qat_input:
+            x = quant.fake_quant_fp8(x, 128)
+        return dot(x, self.dequantized(x.dtype), self.numerics)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, numerics: Numerics, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.numerics = numerics
+        self.weight = param((jax.random.normal(rngs.params(), (vocab, dim)) * 0.02).astype(param_dtype),
+                            ("vocab", "embed"))
+
+    def __call__(self, tokens):
+        return jnp.take(self.weight[...], tokens, axis=0).astype(self.numerics.dtype)

@@ -1,0 +1,154 @@
+"""Mixture of experts (SPEC §2 MoE): sqrt-softplus gate, bias-chosen or hash-routed top-k, clamped SwiGLU.
+
+``g = sqrt(softplus(x @ gateᵀ))`` (fp32). Score layers pick the top-k of ``g + bias`` (the bias only
+chooses); hash layers take ``tid2eid[token]``. Weights are ``g[experts]`` normalised to sum 1, times
+``routed_scaling_factor``. Expert: ``h = silu(min(w1 x, L)) · clip(w3 x, ±L) · weight``, ``out = w2 h``;
+plus the shared expert (weight 1).
+
+Routed experts run as a grouped matmul over token-expert pairs sorted by expert
+(``jax.lax.ragged_dot``); weights live stacked as ``[E, out, in]``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+from flax import nnx
+
+from v4jax import quant
+from v4jax.config import ModelConfig
+from v4jax.model.layers import (Linear, Numerics, WeightLayout, _init_normal, _placeholder, dot_f32,
+                                fp8_scale_shape, param)
+
+
+class Buffer(nnx.Variable):
+    """Model state that is not trained (e.g. ``tid2eid``)."""
+
+
+def swiglu(a, b, limit: float):
+    """Clamped SwiGLU in fp32: ``silu(min(a, L)) · clip(b, -L, L)`` (no clamp when L <= 0)."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    if limit > 0:
+        a = jnp.minimum(a, limit)
+        b = jnp.clip(b, -limit, limit)
+    return jax.nn.silu(a) * b
+
+
+class Gate(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, hashed: bool, layout: WeightLayout, rngs: nnx.Rngs):
+        E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.topk, self.scale, self.hashed = k, cfg.routed_scaling_factor, hashed
+        self.weight = param(_init_normal(rngs, (E, cfg.hidden_size), cfg.hidden_size, layout.bf16),
+                            ("experts", "embed"))
+        if hashed:
+            ids = jax.random.randint(rngs.params(), (cfg.vocab_size, k), 0, E, jnp.int32)
+            self.tid2eid = Buffer(ids)
+            self.bias = None
+        else:
+            self.tid2eid = None
+            self.bias = param(jnp.zeros((E,), jnp.float32), ("experts",))
+
+    def __call__(self, x, tokens):
+        """x ``[T, D]``, tokens int ``[T]`` -> (experts int32 ``[T, k]``, weights fp32 ``[T, k]``, g ``[T, E]``)."""
+        g = jnp.sqrt(jax.nn.softplus(dot_f32(x, self.weight[...])))
+        if self.hashed:
+            idx = jnp.take(self.tid2eid[...], tokens, axis=0).astype(jnp.int32)
+        else:
+            _, idx = jax.lax.top_k(g + self.bias[...], self.topk)
+        w = jnp.take_along_axis(g, idx, axis=-1)
+        w = w / jnp.sum(w, axis=-1, keepdims=True) * self.scale
+        return idx, w, g
+
+
+class ExpertWeight(nnx.Module):
+    """One stacked expert matrix ``[E, out, in]`` (float), FP4 ``[E, out, in/2]`` + ``[E, out, in/32]``,
+    or FP8 ``[E, out, in]`` + block scales."""
+
+    def __init__(self, E: int, out_dim: int, in_dim: int, *, fmt: str, dtype, axes, rngs: nnx.Rngs):
+        self.fmt = fmt
+        if fmt == "float":
+            self.weight = param(_init_normal(rngs, (E, out_dim, in_dim), in_dim, dtype), axes)
+        elif fmt == "fp4":
+            self.weight = param(_placeholder((E, out_dim, in_dim // 2), "int8"), axes)
+            self.scale = param(_placeholder((E, out_dim, in_dim // quant.FP4_BLOCK), ml_dtypes.float8_e8m0fnu), axes)
+        elif fmt == "fp8":
+            self.weight = param(_placeholder((E, out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
+            self.scale = param(_placeholder((E, *fp8_scale_shape(out_dim, in_dim)), ml_dtypes.float8_e8m0fnu), axes)
+        else:
+            raise ValueError(f"unknown expert weight format {fmt!r}")
+
+    def dequantized(self, dtype):
+        if self.fmt == "fp4":
+            return quant.dequant_fp4(self.weight[...], self.scale[...], dtype)
+        if self.fmt == "fp8":
+            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
+        return self.weight[...].astype(dtype)
+
+
+class Experts(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, numerics: Numerics, layout: WeightLayout, rngs: nnx.Rngs):
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.numerics, self.limit = numerics, cfg.swiglu_limit
+        kw = dict(fmt=layout.experts, dtype=layout.dtype, rngs=rngs)
+        self.w1 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
+        self.w2 = ExpertWeight(E, D, I, axes=("experts", "embed", "mlp"), **kw)
+        self.w3 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
+
+    def __call__(self, x, idx, w):
+        """x ``[T, D]``, idx / w ``[T, k]`` -> Σ_k w·expert(x) ``[T, D]`` (x's dtype)."""
+        T, k = idx.shape
+        E = self.w1.weight.shape[0]
+        dt, prec = x.dtype, self.numerics.precision
+        if self.numerics.qat:
+            x = quant.fake_quant_fp8(x, 128)
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        xs = jnp.take(x, order // k, axis=0)
+        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+
+        def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group
+            return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt.dequantized(dt), 1, 2), sizes, precision=prec,
+                                      preferred_element_type=jnp.float32)
+
+        h = swiglu(grouped(xs, self.w1), grouped(xs, self.w3), self.limit)
+        h = (h * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)
+        if self.numerics.qat:
+            h = quant.fake_quant_fp8(h, 128)
+        ys = grouped(h, self.w2)
+        y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)
+        return jnp.sum(y, axis=1).astype(dt)
+
+
+class MLP(nnx.Module):
+    """The shared expert: the same clamped SwiGLU with dense FP8 weights."""
+
+    def __init__(self, dim: int, inter: int, limit: float, *, numerics: Numerics, layout: WeightLayout,
+                 rngs: nnx.Rngs):
+        self.limit = limit
+        kw = dict(numerics=numerics, rngs=rngs, fmt=layout.fp8, qat_input=True, param_dtype=layout.dtype)
+        self.w1 = Linear(dim, inter, axes=("mlp", "embed"), **kw)
+        self.w2 = Linear(inter, dim, axes=("embed", "mlp"), **kw)
+        self.w3 = Linear(dim, inter, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, hashed: bool, numerics: Numerics, layout: WeightLayout,
+                 rngs: nnx.Rngs):
+        self.gate = Gate(cfg, hashed=hashed, layout=layout, rngs=rngs)
+        self.experts = Experts(cfg, numerics=numerics, layout=layout, rngs=rngs)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                   cfg.swiglu_limit, numerics=numerics, layout=layout, rngs=rngs)
+                               if cfg.n_shared_experts else None)
+
+    def __call__(self, x, tokens):
+        """x ``[B, S, D]``, tokens ``[B, S]`` -> (y ``[B, S, D]``, routing dict for losses / statistics)."""
+        B, S, D = x.shape
+        xf = x.reshape(B * S, D)
+        idx, w, g = self.gate(xf, tokens.reshape(-1))
+        y = self.experts(xf, idx, w)
+        if self.shared_experts is not None:
+            y = (y.astype(jnp.float32) + self.shared_experts(xf).astype(jnp.float32)).astype(x.dtype)
+        return y.reshape(B, S, D), {"experts": idx.reshape(B, S, -1), "scores": g.reshape(B, S, -1)}

@@ -1,0 +1,165 @@
+"""Block, MTP block and the full Transformer (SPEC §2), with prefill / decode over explicit caches.
+
+Data flow of one token: ``embed`` -> copy ``hc`` times -> for each Block: mHC(attention), mHC(MoE)
+-> ``hc_head`` reduction -> ``norm`` -> ``head`` (fp32 logits). The MTP block takes the final state
+and the embedding of the next token and predicts the token after it.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from v4jax.config import ModelConfig
+from v4jax.model.attention import Attention
+from v4jax.model.cache import Cache
+from v4jax.model.hyper import hc_head, hc_mixes, hc_post, hc_pre
+from v4jax.model.layers import Embed, Linear, Numerics, RMSNorm, WeightLayout, dot_f32, param
+from v4jax.model.moe import MoE
+
+
+def _hc_params(rngs: nnx.Rngs, hc: int, dim: int, rows: int, scales: int):
+    fn = jax.random.normal(rngs.params(), (rows, hc * dim), jnp.float32) * (0.1 / (hc * dim) ** 0.5)
+    return (param(fn, ("hc_mix", "hc_embed")), param(jnp.zeros((rows,), jnp.float32), ("hc_mix",)),
+            param(jnp.ones((scales,), jnp.float32), ("hc_scale",)))
+
+
+class Block(nnx.Module):
+    """Attention and MoE sub-layers, each wrapped in mHC (``hc_attn_*`` / ``hc_ffn_*``)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, *, hashed: bool, numerics: Numerics, layout: WeightLayout,
+                 rngs: nnx.Rngs):
+        hc, D = cfg.hc_mult, cfg.hidden_size
+        self.cfg, self.numerics = cfg, numerics
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=layout.bf16)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=layout.bf16)
+        self.attn = Attention(cfg, ratio, numerics=numerics, layout=layout, rngs=rngs)
+        self.ffn = MoE(cfg, hashed=hashed, numerics=numerics, layout=layout, rngs=rngs)
+        rows = (2 + hc) * hc
+        self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = _hc_params(rngs, hc, D, rows, 3)
+        self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = _hc_params(rngs, hc, D, rows, 3)
+
+    def _mixes(self, X, fn, base, scale):
+        c = self.cfg
+        return hc_mixes(X, fn[...], base[...], scale[...], iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
+                        norm_eps=c.rms_norm_eps)
+
+    def __call__(self, X, tokens, *, max_len: int | None = None):
+        """X ``[B, S, hc, D]``, tokens ``[B, S]`` -> (X', AttnCache | None, routing info)."""
+        pre, post, C = self._mixes(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        y, cache = self.attn(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), max_len=max_len)
+        X = hc_post(y, X, post, C)
+        pre, post, C = self._mixes(X, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
+        y, route = self.ffn(self.ffn_norm(hc_pre(X, pre, self.numerics.dtype)), tokens)
+        return hc_post(y, X, post, C), cache, route
+
+    def decode(self, X, tokens, t, cache):
+        """X ``[B, 1, hc, D]`` at position t -> (X', new AttnCache)."""
+        pre, post, C = self._mixes(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
+        y, cache = self.attn.decode(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), t, cache)
+        X = hc_post(y, X, post, C)
+        pre, post, C = self._mixes(X, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
+        y, _ = self.ffn(self.ffn_norm(hc_pre(X, pre, self.numerics.dtype)), tokens)
+        return hc_post(y, X, post, C), cache
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: ``X_in = e_proj(enorm(embed(tok[t+1]))) + h_proj(hnorm(X))``, one Block,
+    then its own ``norm`` and ``hc_head_*`` (embedding and head are the main model's)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, *, numerics: Numerics, layout: WeightLayout, rngs: nnx.Rngs):
+        super().__init__(cfg, ratio, hashed=False, numerics=numerics, layout=layout, rngs=rngs)
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        fp8 = dict(numerics=numerics, rngs=rngs, fmt=layout.fp8, qat_input=True, param_dtype=layout.dtype,
+                   axes=("embed", "embed_in"))
+        self.e_proj = Linear(D, D, **fp8)
+        self.h_proj = Linear(D, D, **fp8)
+        self.enorm = RMSNorm(D, eps, param_dtype=layout.bf16)
+        self.hnorm = RMSNorm(D, eps, param_dtype=layout.bf16)
+        self.norm = RMSNorm(D, eps, param_dtype=layout.bf16)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(rngs, cfg.hc_mult, D, cfg.hc_mult, 1)
+
+    def inputs(self, X, e):
+        """X ``[B, S, hc, D]`` main final state, e ``[B, S, D]`` next-token embeddings -> ``[B, S, hc, D]``."""
+        return self.e_proj(self.enorm(e))[..., None, :] + self.h_proj(self.hnorm(X))
+
+
+class Transformer(nnx.Module):
+    """DeepSeek-V4. ``mode``: numerics (SPEC §5); ``layout``: how weights are stored (see WeightLayout)."""
+
+    def __init__(self, cfg: ModelConfig, *, mode: str = "exact", layout: WeightLayout | None = None,
+                 rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        layout = layout or WeightLayout.float()
+        numerics = Numerics(mode)
+        self.cfg, self.numerics, self.layout = cfg, numerics, layout
+        L, D, hc = cfg.num_hidden_layers, cfg.hidden_size, cfg.hc_mult
+        kw = dict(numerics=numerics, layout=layout, rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, D, numerics=numerics, rngs=rngs, param_dtype=layout.bf16)
+        self.layers = nnx.List([Block(cfg, cfg.compress_ratios[i], hashed=i < cfg.num_hash_layers, **kw)
+                                for i in range(L)])
+        self.mtp = nnx.List([MTPBlock(cfg, cfg.compress_ratios[L + j], **kw)
+                             for j in range(cfg.num_nextn_predict_layers)])
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=layout.bf16)
+        self.head = Linear(D, cfg.vocab_size, numerics=numerics, rngs=rngs, axes=("vocab", "embed"),
+                           param_dtype=layout.bf16)
+        self.hc_head_fn, self.hc_head_base, self.hc_head_scale = _hc_params(rngs, hc, D, hc, 1)
+
+    # ------------------------------------------------------------------ pieces
+    def _embed(self, tokens):
+        h = self.embed(tokens)
+        return jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], self.cfg.hc_mult, h.shape[-1]))
+
+    def logits_from_state(self, X, owner=None):
+        """Final state ``[..., hc, D]`` -> fp32 logits ``[..., V]`` through ``owner``'s hc_head and norm."""
+        owner = owner or self
+        u = hc_head(X, owner.hc_head_fn[...], owner.hc_head_base[...], owner.hc_head_scale[...],
+                    hc_eps=self.cfg.hc_eps, norm_eps=self.cfg.rms_norm_eps, dtype=self.numerics.dtype)
+        return dot_f32(owner.norm(u), self.head.weight[...])
+
+    # ------------------------------------------------------------------ full sequences
+    def __call__(self, tokens, *, max_len: int | None = None):
+        """tokens ``[B, S]`` (positions 0 … S-1) -> (logits fp32 ``[B, S, V]``, final state
+        ``[B, S, hc, D]``, per-layer caches (``max_len`` given) or None, per-layer routing info)."""
+        X = self._embed(tokens)
+        caches, routes = [], []
+        for layer in self.layers:
+            X, c, r = layer(X, tokens, max_len=max_len)
+            caches.append(c)
+            routes.append(r)
+        return self.logits_from_state(X), X, (caches if max_len is not None else None), routes
+
+    def mtp_logits(self, X, next_tokens):
+        """MTP blocks on the main final state X ``[B, S, hc, D]`` with ``next_tokens = tokens[:, 1:S+1]``.
+
+        Block j feeds on block j-1's output state. Returns (list of fp32 logits ``[B, S, V]``, routing info).
+        """
+        e = self.embed(next_tokens)
+        out, routes = [], []
+        for blk in self.mtp:
+            X, _, r = blk(blk.inputs(X, e), next_tokens)
+            out.append(self.logits_from_state(X, owner=blk))
+            routes.append(r)
+        return out, routes
+
+    # ------------------------------------------------------------------ decoding
+    def prefill(self, tokens, max_len: int):
+        """tokens ``[B, S]`` -> (logits ``[B, S, V]``, Cache ready for position S, final state)."""
+        if tokens.shape[1] > max_len:
+            raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds max_len {max_len}")
+        logits, X, caches, _ = self(tokens, max_len=max_len)
+        return logits, Cache(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=caches), X
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        return Cache(pos=jnp.asarray(0, jnp.int32),
+                     layers=[l.attn.empty_cache(batch, max_len, self.numerics.dtype) for l in self.layers])
+
+    def decode(self, token, cache: Cache):
+        """token int ``[B]`` at position ``cache.pos`` -> (logits fp32 ``[B, V]``, cache for the next position)."""
+        t = cache.pos
+        X = self._embed(token[:, None])
+        new = []
+        for layer, c in zip(self.layers, cache.layers):
+            X, c = layer.decode(X, token[:, None], t, c)
+            new.append(c)
+        return self.logits_from_state(X)[:, 0], Cache(pos=t + 1, layers=new)
