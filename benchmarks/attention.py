@@ -228,9 +228,11 @@ def main():
         for B, ctx in decode:
             inputs, kernel, xla = _decode_case(kind, cfg, B, ctx, key)
             t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps)
-            t_x, e2 = (None, "reference skipped") if args.no_reference else _try(jax.jit(xla), *inputs, reps=reps)
+            t_x, e2 = (None, "reference skipped") if args.no_reference else _try(
+                jax.jit(xla), *inputs, reps=reps)
             flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True)
-            _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b, e1 or e2)
+            _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
+                 e1 or e2)
 
 
 if __name__ == "__main__":

@@ -125,8 +125,10 @@ def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body
         return body(carry, keys, valid, None)
 
     n_w = pl.cdiv(W + blk.bq - 1, bk)
-    if n_split > 1:  # window tiles only in split 0. (Pallas-Triton mis-lowers a select whose
-        n_w = n_w * (1 - jnp.minimum(split, 1))  # two branches are Python scalars: avoid it.)
+    if n_split > 1:
+        # Window tiles only in split 0. Integer arithmetic, not jnp.where(split == 0, n_w, 0):
+        # Pallas-Triton mis-lowers a select whose two branches are Python scalars (JAX 0.10.2).
+        n_w = n_w * (1 - jnp.minimum(split, 1))
     carry = lax.fori_loop(0, n_w, window_tile, carry)
     if spec.mode == "window":
         return carry
@@ -167,7 +169,8 @@ def _unpack(refs, mode, n_tail):
 
 
 def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split):
-    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, (sink_ref, o_ref, lse_ref) = _unpack(refs, spec.mode, 3)
+    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, tail = _unpack(refs, spec.mode, 3)
+    sink_ref, o_ref, lse_ref = tail
     bq, bh, Dp = blk.bq, blk.bh, blk.Dp
     M = bq * bh
     i, hb = pl.program_id(1), pl.program_id(2)
@@ -250,7 +253,8 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
     if n_split > 1:
         out_shape = [jax.ShapeDtypeStruct((n_split, B, Sp, blk.Hp, blk.Dp), jnp.float32),
                      jax.ShapeDtypeStruct((n_split, B, Sp, blk.Hp), jnp.float32)]
-        out_specs = [pl.BlockSpec((None, None, blk.bq, blk.bh, blk.Dp), lambda b, i, h, s: (s, b, i, h, 0)),
+        out_specs = [pl.BlockSpec((None, None, blk.bq, blk.bh, blk.Dp),
+                                  lambda b, i, h, s: (s, b, i, h, 0)),
                      pl.BlockSpec((None, None, blk.bq, blk.bh), lambda b, i, h, s: (s, b, i, h))]
     else:
         out_shape = [jax.ShapeDtypeStruct(qp.shape, q.dtype),
@@ -301,8 +305,9 @@ def _dq_kernel(*refs, spec, blk, T, N, Kp):
             plgpu.atomic_add(acc_ref, (csa_rows[:, None], cols[None, :]), g)
         return dq + _dot(ds.astype(keys.dtype), keys, prec)
 
-    dq = _key_loops(spec, dataclasses.replace(blk, bk=blk.bk_dq), t0=t0, t_row=t_row, kv_start=kv_start, T=T, N=N, Kp=Kp,
-                    split=0, n_split=1, body=body, carry=jnp.zeros((M, Dp), jnp.float32),
+    dq = _key_loops(spec, dataclasses.replace(blk, bk=blk.bk_dq), t0=t0, t_row=t_row,
+                    kv_start=kv_start, T=T, N=N, Kp=Kp, split=0, n_split=1, body=body,
+                    carry=jnp.zeros((M, Dp), jnp.float32),
                     kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref)
     dq_ref[...] = (dq * spec.scale).reshape(bq, bh, Dp).astype(dq_ref.dtype)
 

@@ -47,6 +47,8 @@ def _scores(q, k, scale, precision):
 
 def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0):
     """CSA: window keys plus the compressed entries named by ``topk_idx [B, S, K]`` (-1 = unused)."""
+    if ckv.shape[1] == 0:  # no compressed entries yet: every top-k slot is -1
+        return window_attention(q, kv, sink, window=window, scale=scale, q_start=q_start)
     B, S, H, D = q.shape
     prec = _precision(q.dtype)
     kw, wvalid = _window(kv, q_start, S, window)  # [B,S,W,D]

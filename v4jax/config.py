@@ -11,7 +11,7 @@ import json
 import logging
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,7 +109,7 @@ class ModelConfig:
     eos_token_id: int = 1
     torch_dtype: str = "bfloat16"
     expert_dtype: str | None = "fp4"
-    quantization_config: QuantizationConfig | None = field(default_factory=QuantizationConfig)
+    quantization_config: QuantizationConfig | None = None
     # --- not in config.json: how v4jax runs the model
     attention_impl: Literal["xla", "pallas"] = "xla"
 
@@ -224,6 +224,11 @@ def _coerce(value, tp, key: str):
                (isinstance(value, float) and value.is_integer()), f"{key}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:

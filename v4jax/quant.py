@@ -136,19 +136,25 @@ def quant_fp4(w):
 
 # ----------------------------------------------------------------------------- QAT fake quantisation
 
+def _blocked(x, block: int):
+    """[..., d] -> fp32 [..., ceil(d/block), block] (a partial last block is zero-padded) and a restore fn."""
+    d = x.shape[-1]
+    n = -(-d // block)
+    xf = x.astype(jnp.float32)
+    if n * block != d:
+        xf = jnp.pad(xf, [(0, 0)] * (x.ndim - 1) + [(0, n * block - d)])
+    return xf.reshape(*x.shape[:-1], n, block), lambda q: q.reshape(*x.shape[:-1], n * block)[..., :d].astype(x.dtype)
+
+
 def fake_quant_fp8(x, block: int = 128):
     """Per-token blockwise FP8 e4m3 fake quantisation along the last axis (SPEC §5a/b).
 
     s = 2^ceil(log2(max(amax, 1e-4) / 448)),  x̂ = e4m3(clip(x / s, ±448)) · s.  Returns x's dtype.
     """
-    d = x.shape[-1]
-    if d % block:
-        raise ValueError(f"fake_quant_fp8: last dim {d} is not a multiple of the block {block}")
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], d // block, block)
+    xf, restore = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP8_MAX, 1e-4))
-    q = jnp.clip(xf / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32) * s
-    return q.reshape(x.shape).astype(x.dtype)
+    return restore(jnp.clip(xf / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32) * s)
 
 
 def fake_quant_fp4(x, block: int = 32):
@@ -156,11 +162,7 @@ def fake_quant_fp4(x, block: int = 32):
 
     s = 2^ceil(log2(max(amax, 6·2^-126) / 6)),  x̂ = e2m1(clip(x / s, ±6)) · s  (round to nearest even).
     """
-    d = x.shape[-1]
-    if d % block:
-        raise ValueError(f"fake_quant_fp4: last dim {d} is not a multiple of the block {block}")
-    xf = x.astype(jnp.float32).reshape(*x.shape[:-1], d // block, block)
+    xf, restore = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126))
-    q = jnp.clip(xf / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32) * s
-    return q.reshape(x.shape).astype(x.dtype)
+    return restore(jnp.clip(xf / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32) * s)

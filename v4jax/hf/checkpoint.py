@@ -78,7 +78,8 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
     with SafetensorsReader(path) as reader:
         validate(reader, cfg)
         state = nnx.state(model)
-        leaves = jax.tree_util.tree_leaves_with_path(state.to_pure_dict())
+        pure = nnx.to_pure_dict(state)
+        leaves = jax.tree_util.tree_leaves_with_path(pure)
         bar = tqdm(total=len(reader), desc="loading", unit="tensor", disable=not progress)
         new = {}
         for kp, target in leaves:
@@ -86,8 +87,7 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
             new[name] = jnp.asarray(_read(reader, name, target, cfg.n_routed_experts))
             bar.update(len(tensor_names(name, cfg.n_routed_experts)))
         bar.close()
-    pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))],
-                                            state.to_pure_dict())
+    pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
 

@@ -147,7 +147,7 @@ class Attention(nnx.Module):
                 topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
                 if max_len is not None:
-                    cache["ikv"] = _fill(ikeys, max_len // 4)
+                    cache["ikv"] = _fill(ikeys.astype(x.dtype), max_len // 4)
                     cache["icomp_k"], cache["icomp_s"] = self.indexer.compressor.state_from_prefill(ik, is_)
             else:
                 o = fns.compressed_attention(q, kv, ckv, sink, window=self.window, ratio=self.ratio,
@@ -164,7 +164,7 @@ class Attention(nnx.Module):
             c = c.replace(ckv=jnp.zeros((batch, max_len // self.ratio, self.head_dim), dtype), comp_k=ck, comp_s=cs)
         if self.ratio == 4:
             ik, is_ = self.indexer.compressor.empty_state(batch)
-            c = c.replace(ikv=jnp.zeros((batch, max_len // 4, self.indexer.head_dim), jnp.float32),
+            c = c.replace(ikv=jnp.zeros((batch, max_len // 4, self.indexer.head_dim), dtype),
                           icomp_k=ik, icomp_s=is_)
         return c
 
@@ -187,7 +187,7 @@ class Attention(nnx.Module):
                 ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
                 ikv = _write_entry(cache.ikv, self.indexer.keys(ientry), done, t, 4)
                 qi, w = self.indexer.queries(x, qr, pos)
-                idx = topk_indices(self.indexer.scores(qi, w, ikv, pos), self.indexer.topk)[:, 0]  # [B, K]
+                idx = topk_indices(self.indexer.scores(qi, w, ikv.astype(jnp.float32), pos), self.indexer.topk)[:, 0]
                 keys.append(jnp.take_along_axis(ckv, jnp.maximum(idx, 0)[..., None], axis=1))
                 valid.append(idx >= 0)
                 new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)

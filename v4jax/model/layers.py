@@ -79,7 +79,7 @@ class WeightLayout:
 def param(value, axes: tuple) -> nnx.Param:
     """A parameter annotated with logical axis names (one per dim)."""
     assert len(axes) == np.ndim(value), (axes, np.shape(value))
-    return nnx.Param(value, sharding_names=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def dot(x, w, numerics: Numerics, out_dtype=None):

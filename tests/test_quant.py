@@ -1,0 +1,79 @@
+"""FP8 / FP4 / E8M0 formats (SPEC §4) against hand-computed values, and the QAT fake quantisers (SPEC §5)."""
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from v4jax import quant
+from v4jax.hf.safetensors import SafetensorsReader
+
+
+def test_e8m0_means_power_of_two():
+    b = np.array([127, 128, 120, 0, 254], np.uint8)
+    np.testing.assert_array_equal(quant.e8m0_to_float(b), [1.0, 2.0, 2.0 ** -7, 2.0 ** -127, 2.0 ** 127])
+
+
+def test_fp4_nibbles_low_is_even_column():
+    # byte 0x93: low nibble 3 (= +1.5, column 0), high nibble 9 (= sign | 1 -> -0.5, column 1)
+    packed = np.array([[0x93, 0x1E]], np.uint8).view(np.int8)  # byte 2: low 0xE (-4.0), high 0x1 (+0.5)
+    scale = np.array([[128]], np.uint8).view(ml_dtypes.float8_e8m0fnu)     # 2.0
+    w = quant.dequant_fp4(np.concatenate([packed, np.zeros((1, 14), np.int8)], 1), scale)
+    np.testing.assert_array_equal(w[0, :4], [1.5 * 2, -0.5 * 2, -4.0 * 2, 0.5 * 2])
+
+
+def test_fp8_block_scales_apply_per_128_block():
+    q = np.ones((130, 260), np.float32).astype(ml_dtypes.float8_e4m3fn)
+    s = np.array([[127, 128, 129], [130, 131, 132]], np.uint8).view(ml_dtypes.float8_e8m0fnu)
+    w = quant.dequant_fp8(q, s)
+    assert w[0, 0] == 1 and w[0, 128] == 2 and w[0, 259] == 4 and w[129, 0] == 8 and w[129, 259] == 32
+
+
+def test_quantisers_preserve_released_values(golden):
+    """Re-quantising dequantised release weights keeps every value (the release grid is representable).
+
+    Bytes can differ where the release chose a larger scale than the block's dequantised amax needs
+    (the original amax was rounded down), which is why conversion keeps the quantised tensors as they are.
+    """
+    with SafetensorsReader(golden / "tiny" / "checkpoint") as r:
+        w, s = r["layers.1.attn.wq_b.weight"], r["layers.1.attn.wq_b.scale"]
+        d = quant.dequant_fp8(w, s)
+        q2, s2 = quant.quant_fp8(d)
+        np.testing.assert_array_equal(quant.dequant_fp8(q2, s2), d)
+        np.testing.assert_array_equal(q2.view(np.uint8), w.view(np.uint8))  # same scale rule on this tensor
+        for name in ["layers.2.ffn.experts.5.w2", "layers.0.ffn.experts.1.w1"]:
+            w, s = r[name + ".weight"], r[name + ".scale"]
+            d = quant.dequant_fp4(w, s)
+            np.testing.assert_array_equal(quant.dequant_fp4(*quant.quant_fp4(d)), d)
+
+
+def test_fake_quant_fp8_matches_formula():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 256)) * np.array([[1e-3], [1.0], [300.0]])).astype(np.float32)
+    got = np.asarray(quant.fake_quant_fp8(jnp.asarray(x), 128))
+    for r in range(3):
+        for b in range(2):
+            blk = x[r, b * 128:(b + 1) * 128]
+            s = 2.0 ** np.ceil(np.log2(max(np.abs(blk).max(), 1e-4) / 448.0))
+            want = (np.clip(blk / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s)
+            np.testing.assert_array_equal(got[r, b * 128:(b + 1) * 128], want)
+
+
+def test_fake_quant_fp4_round_to_nearest_even_and_partial_blocks():
+    x = jnp.asarray([[0.25, 0.75, 1.25, 2.5, 5.0, 6.0, -0.2, -3.4] + [0.0] * 24])  # amax 6 -> scale 1
+    np.testing.assert_array_equal(np.asarray(quant.fake_quant_fp4(x, 32))[0, :8], [0, 1, 1, 2, 4, 6, -0, -3])
+    y = jnp.asarray(np.linspace(-3, 3, 40, dtype=np.float32))[None]  # 40 = one full + one partial block
+    out = np.asarray(quant.fake_quant_fp4(y, 32))
+    np.testing.assert_array_equal(out[0, 32:], np.asarray(quant.fake_quant_fp4(y[:, 32:], 32))[0])
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (3, 130, 96)])
+def test_fp4_fp8_round_trip_on_grid_values(shape):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(shape).astype(np.float32)
+    p, s = quant.quant_fp4(w)
+    d = quant.dequant_fp4(p, s)
+    assert np.abs(d - w).max() <= np.abs(w).max() / 4  # e2m1 resolution at the top of the range
+    np.testing.assert_array_equal(quant.dequant_fp4(*quant.quant_fp4(d)), d)  # grid values are fixed points
+    q, s8 = quant.quant_fp8(w.reshape(-1, shape[-1]))
+    d8 = quant.dequant_fp8(q, s8)
+    np.testing.assert_array_equal(quant.dequant_fp8(*quant.quant_fp8(d8)), d8)
