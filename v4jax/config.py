@@ -357,3 +357,95 @@ def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfi
         return build(ModelConfig, data["model"], prefix="model.")
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------- training
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop and its loss terms (SPEC §6)."""
+    steps: int = 1000
+    log_every: int = 10
+    seed: int = 0
+    mode: Literal["exact", "qat", "production"] = "production"  # numerics of the forward pass
+    mtp_loss_weight: float = 0.3
+    balance_loss_weight: float = 1e-4         # sequence-wise balance loss
+    bias_update_speed: float = 1e-3           # aux-loss-free gate-bias step (sign of the load error)
+    indexer_loss_weight: float = 1.0          # lightning-indexer KL to the main attention
+    fp4_expert_qat: bool = False              # fake-quantise routed-expert weights to FP4 (STE)
+    peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
+    remat: bool = False                       # recompute each block in the backward pass
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        for k in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed", "indexer_loss_weight"):
+            _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
+        _check(self.peak_tflops is None or self.peak_tflops > 0, f"train.peak_tflops must be > 0, got {self.peak_tflops}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500          # save every N steps (and always at the end / on SIGTERM)
+    keep: int = 3             # newest checkpoints kept
+    async_save: bool = True   # write in the background while training continues
+
+    def __post_init__(self):
+        _check(self.every >= 1, f"checkpoint.every must be >= 1, got {self.every}")
+        _check(self.keep >= 1, f"checkpoint.keep must be >= 1, got {self.keep}")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; their product must equal the device count. -1: the remaining devices."""
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        for name, v in zip(("data", "fsdp", "expert", "tensor"), sizes):
+            _check(v == -1 or v >= 1, f"mesh.{name} must be >= 1 or -1, got {v}")
+        _check(sizes.count(-1) <= 1, f"at most one mesh axis may be -1, got {sizes}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A run: ``model`` (HF keys), ``train``, ``data``, ``optimizer``, ``mesh``, ``checkpoint`` sections."""
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    data: "DataConfig" = None  # type: ignore[assignment]
+    optimizer: "OptimizerConfig" = None  # type: ignore[assignment]
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_hf_dict()
+        for k in ("architectures", "model_type"):
+            d["model"].pop(k)
+        return json.loads(json.dumps(d))
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """A YAML run config with ``dotted.key=value`` overrides -> Config (errors name the key)."""
+    from v4jax.data import DataConfig
+    from v4jax.optim import OptimizerConfig
+
+    p = Path(path)
+    data = apply_overrides(load_yaml(p), list(overrides))
+    sections = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "optimizer": OptimizerConfig,
+                "mesh": MeshConfig, "checkpoint": CheckpointConfig}
+    unknown = sorted(set(data) - set(sections))
+    _check(not unknown, f"{p}: unknown section(s) {unknown}; known: {sorted(sections)}")
+    _check("model" in data, f"{p}: no 'model:' section")
+    built = {}
+    for name, cls in sections.items():
+        try:
+            built[name] = build(cls, data.get(name) or {}, prefix=name + ".")
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+        except ValueError as e:  # section validators of data / optimizer
+            raise ConfigError(f"{p}: {name}: {e}") from None
+    return Config(**built)

@@ -31,73 +31,93 @@ from grain.experimental import index_shuffle
 
 from v4jax.tokenizer import load_tokenizer, special_ids
 
-__all__ = ["DataConfig", "make_dataset", "make_iterator", "load_tokenizer", "save_args",
-           "restore_args", "stdlib_files", "stdlib_texts"]
+__all__ = [
+    "DataConfig",
+    "make_dataset",
+    "make_iterator",
+    "load_tokenizer",
+    "save_args",
+    "restore_args",
+    "stdlib_files",
+    "stdlib_texts",
+]
 
 SOURCES = ("stdlib", "text", "jsonl", "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """What to read and how to batch it.
+    """What to read and how to batch it.
 
-  source:       "stdlib" (embedded default: this interpreter's stdlib *.py files),
-                "text" (one document per file), "jsonl" (one document per line, the
-                string field `text_field`), "tokens" (1-D integer .npy files).
-  paths:        files or globs (`**` allowed), read in the given order, globs sorted.
-  tokenizer:    tokenizer.json (or a directory holding one); None = the shipped tiny one.
-  bos_id, eos_id: None = read from the tokenizer (tokenizer_config.json beside it, or
-                DeepSeek's special token names). Text sources append eos to every
-                document; add_bos also prepends bos.
-  seq_len:      tokens per training sequence; a batch row holds seq_len + 1 tokens.
-  global_batch: rows per step over all processes.
-  seed, shuffle: document and window order (a new permutation each epoch).
-  num_epochs:   None = repeat forever.
-  max_bytes:    stdlib source only: read the first max_bytes bytes in sorted file order.
-  prefetch:     batches computed ahead in a background thread (0 = none).
-  """
+    source:       "stdlib" (embedded default: this interpreter's stdlib *.py files),
+                  "text" (one document per file), "jsonl" (one document per line, the
+                  string field `text_field`), "tokens" (1-D integer .npy files).
+    paths:        files or globs (`**` allowed), read in the given order, globs sorted.
+    tokenizer:    tokenizer.json (or a directory holding one); None = the shipped tiny one.
+    bos_id, eos_id: None = read from the tokenizer (tokenizer_config.json beside it, or
+                  DeepSeek's special token names). Text sources append eos to every
+                  document; add_bos also prepends bos.
+    seq_len:      tokens per training sequence; a batch row holds seq_len + 1 tokens.
+    global_batch: rows per step over all processes.
+    seed, shuffle: document and window order (a new permutation each epoch).
+    num_epochs:   None = repeat forever.
+    max_bytes:    stdlib source only: read the first max_bytes bytes in sorted file order.
+    prefetch:     batches computed ahead in a background thread (0 = none).
+    """
 
-  source: str = "stdlib"
-  paths: tuple[str, ...] = ()
-  text_field: str = "text"
-  tokenizer: str | None = None
-  bos_id: int | None = None
-  eos_id: int | None = None
-  add_bos: bool = False
-  seq_len: int = 256
-  global_batch: int = 8
-  seed: int = 0
-  shuffle: bool = True
-  num_epochs: int | None = None
-  max_bytes: int = 4_000_000
-  prefetch: int = 2
+    source: str = "stdlib"
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    tokenizer: str | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    add_bos: bool = False
+    seq_len: int = 256
+    global_batch: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    max_bytes: int = 4_000_000
+    prefetch: int = 2
 
-  def __post_init__(self):
-    paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-    object.__setattr__(self, "paths", paths)  # YAML gives lists
+    def __post_init__(self):
+        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
+        object.__setattr__(self, "paths", paths)  # YAML gives lists
 
-    def check(ok, name, expected):
-      if not ok:
-        raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: expected {expected}")
+        def check(ok, name, expected):
+            if not ok:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-    def check_int(name, low, optional=False):
-      v = getattr(self, name)
-      is_int = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-      check((optional and v is None) or (is_int and v >= low), name,
-            f"{'None or ' if optional else ''}an integer >= {low}")
+        def check_int(name, low, optional=False):
+            v = getattr(self, name)
+            is_int = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            check(
+                (optional and v is None) or (is_int and v >= low),
+                name,
+                f"{'None or ' if optional else ''}an integer >= {low}",
+            )
 
-    check(self.source in SOURCES, "source", f"one of {SOURCES}")
-    check(self.source == "stdlib" or len(paths) > 0, "paths",
-          f"at least one file or glob for source={self.source!r}")
-    check(all(isinstance(p, str) and p for p in paths), "paths", "non-empty strings")
-    check(isinstance(self.text_field, str) and self.text_field, "text_field", "a field name")
-    check(isinstance(self.add_bos, bool), "add_bos", "a bool")
-    check(isinstance(self.shuffle, bool), "shuffle", "a bool")
-    check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer", "None or a path")
-    for name, low in (("seq_len", 1), ("global_batch", 1), ("seed", 0), ("max_bytes", 1), ("prefetch", 0)):
-      check_int(name, low)
-    for name, low in (("num_epochs", 1), ("bos_id", 0), ("eos_id", 0)):
-      check_int(name, low, optional=True)
+        check(self.source in SOURCES, "source", f"one of {SOURCES}")
+        check(
+            self.source == "stdlib" or len(paths) > 0,
+            "paths",
+            f"at least one file or glob for source={self.source!r}",
+        )
+        check(all(isinstance(p, str) and p for p in paths), "paths", "non-empty strings")
+        check(isinstance(self.text_field, str) and self.text_field, "text_field", "a field name")
+        check(isinstance(self.add_bos, bool), "add_bos", "a bool")
+        check(isinstance(self.shuffle, bool), "shuffle", "a bool")
+        check(self.tokenizer is None or isinstance(self.tokenizer, str), "tokenizer", "None or a path")
+        for name, low in (
+            ("seq_len", 1),
+            ("global_batch", 1),
+            ("seed", 0),
+            ("max_bytes", 1),
+            ("prefetch", 0),
+        ):
+            check_int(name, low)
+        for name, low in (("num_epochs", 1), ("bos_id", 0), ("eos_id", 0)):
+            check_int(name, low, optional=True)
 
 
 # ------------------------------------------------------------------------------- sources
@@ -106,239 +126,254 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "_
 
 
 def stdlib_files() -> list[str]:
-  """The running interpreter's stdlib *.py files, sorted by relative path.
+    """The running interpreter's stdlib *.py files, sorted by relative path.
 
-  Test directories, site-packages / dist-packages and __pycache__ are skipped.
-  """
-  root = sysconfig.get_paths()["stdlib"]
-  rel = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-    rel += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
-            for f in filenames if f.endswith(".py")]
-  return [os.path.join(root, r) for r in sorted(rel)]
+    Test directories, site-packages / dist-packages and __pycache__ are skipped.
+    """
+    root = sysconfig.get_paths()["stdlib"]
+    rel = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        rel += [
+            os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+            for f in filenames
+            if f.endswith(".py")
+        ]
+    return [os.path.join(root, r) for r in sorted(rel)]
 
 
 def stdlib_texts(max_bytes: int) -> list[str]:
-  """The first `max_bytes` bytes of `stdlib_files()`, one string per file.
+    """The first `max_bytes` bytes of `stdlib_files()`, one string per file.
 
-  The last file is truncated so that the total is at most max_bytes.
-  """
-  texts, left = [], max_bytes
-  for path in stdlib_files():
-    if left <= 0:
-      break
-    with open(path, "rb") as f:
-      data = f.read(left)
-    left -= len(data)
-    texts.append(data.decode("utf-8", errors="replace"))
-  if not texts:
-    raise ValueError(f"source='stdlib': no *.py files under {sysconfig.get_paths()['stdlib']!r}")
-  return texts
+    The last file is truncated so that the total is at most max_bytes.
+    """
+    texts, left = [], max_bytes
+    for path in stdlib_files():
+        if left <= 0:
+            break
+        with open(path, "rb") as f:
+            data = f.read(left)
+        left -= len(data)
+        texts.append(data.decode("utf-8", errors="replace"))
+    if not texts:
+        raise ValueError(f"source='stdlib': no *.py files under {sysconfig.get_paths()['stdlib']!r}")
+    return texts
 
 
 def _expand(paths: tuple[str, ...]) -> list[str]:
-  """Files named by `paths` (globs sorted), in order; FileNotFoundError for misses."""
-  files = []
-  for p in paths:
-    p = os.path.expanduser(p)
-    if any(c in p for c in "*?["):
-      matches = [m for m in sorted(glob.glob(p, recursive=True)) if os.path.isfile(m)]
-      if not matches:
-        raise FileNotFoundError(f"DataConfig.paths: glob {p!r} matches no files")
-      files += matches
-    elif os.path.isfile(p):
-      files.append(p)
-    else:
-      what = "is a directory (use a glob such as dir/*.txt)" if os.path.isdir(p) else "does not exist"
-      raise FileNotFoundError(f"DataConfig.paths: {p!r} {what}")
-  return files
+    """Files named by `paths` (globs sorted), in order; FileNotFoundError for misses."""
+    files = []
+    for p in paths:
+        p = os.path.expanduser(p)
+        if any(c in p for c in "*?["):
+            matches = [m for m in sorted(glob.glob(p, recursive=True)) if os.path.isfile(m)]
+            if not matches:
+                raise FileNotFoundError(f"DataConfig.paths: glob {p!r} matches no files")
+            files += matches
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            what = "is a directory (use a glob such as dir/*.txt)" if os.path.isdir(p) else "does not exist"
+            raise FileNotFoundError(f"DataConfig.paths: {p!r} {what}")
+    return files
 
 
 def _read_text(path: str) -> str:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return f.read()
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
 def _read_jsonl(path: str, field: str) -> list[str]:
-  texts = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-      if not isinstance(record, dict) or field not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{path}:{lineno}: no field {field!r} (DataConfig.text_field); found {keys}")
-      if not isinstance(record[field], str):
-        raise ValueError(f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, expected str")
-      texts.append(record[field])
-  return texts
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{lineno}: no field {field!r} (DataConfig.text_field); found {keys}")
+            if not isinstance(record[field], str):
+                raise ValueError(
+                    f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, expected str"
+                )
+            texts.append(record[field])
+    return texts
 
 
 @dataclasses.dataclass(frozen=True)
 class _Corpus:
-  """Documents as slices of token arrays: doc i = arrays[array[i]][start[i] : start[i] + length[i]]."""
+    """Documents as slices of token arrays: doc i = arrays[array[i]][start[i] : start[i] + length[i]]."""
 
-  arrays: list[np.ndarray]
-  array: np.ndarray  # [D] int
-  start: np.ndarray  # [D] int64
-  length: np.ndarray  # [D] int64
+    arrays: list[np.ndarray]
+    array: np.ndarray  # [D] int
+    start: np.ndarray  # [D] int64
+    length: np.ndarray  # [D] int64
 
-  def doc(self, i: int) -> np.ndarray:
-    return self.arrays[self.array[i]][self.start[i]:self.start[i] + self.length[i]]
+    def doc(self, i: int) -> np.ndarray:
+        return self.arrays[self.array[i]][self.start[i] : self.start[i] + self.length[i]]
 
 
 def _tokenize(texts: list[str], cfg: DataConfig) -> _Corpus:
-  """Tokenises documents into one flat int32 array: [bos] + ids + [eos] per document."""
-  tok = load_tokenizer(cfg.tokenizer)
-  bos, eos = special_ids(tok, cfg.tokenizer)
-  bos = cfg.bos_id if cfg.bos_id is not None else bos
-  eos = cfg.eos_id if cfg.eos_id is not None else eos
-  name = cfg.tokenizer or "the shipped tiny tokenizer"
-  if eos is None:
-    raise ValueError(f"cannot find the eos token in {name}; set DataConfig.eos_id")
-  if cfg.add_bos and bos is None:
-    raise ValueError(f"cannot find the bos token in {name}; set DataConfig.bos_id")
-  head, tail = ([bos] if cfg.add_bos else []), [eos]
-  pieces = []
-  for i in range(0, len(texts), 1024):
-    for enc in tok.encode_batch_fast(texts[i:i + 1024], add_special_tokens=False):
-      pieces.append(np.asarray(head + enc.ids + tail, np.int32))
-  length = np.array([len(p) for p in pieces], np.int64)
-  start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
-  flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-  return _Corpus([flat], np.zeros(len(pieces), np.int64), start, length)
+    """Tokenises documents into one flat int32 array: [bos] + ids + [eos] per document."""
+    tok = load_tokenizer(cfg.tokenizer)
+    bos, eos = special_ids(tok, cfg.tokenizer)
+    bos = cfg.bos_id if cfg.bos_id is not None else bos
+    eos = cfg.eos_id if cfg.eos_id is not None else eos
+    name = cfg.tokenizer or "the shipped tiny tokenizer"
+    if eos is None:
+        raise ValueError(f"cannot find the eos token in {name}; set DataConfig.eos_id")
+    if cfg.add_bos and bos is None:
+        raise ValueError(f"cannot find the bos token in {name}; set DataConfig.bos_id")
+    head, tail = ([bos] if cfg.add_bos else []), [eos]
+    pieces = []
+    for i in range(0, len(texts), 1024):
+        for enc in tok.encode_batch_fast(texts[i : i + 1024], add_special_tokens=False):
+            pieces.append(np.asarray(head + enc.ids + tail, np.int32))
+    length = np.array([len(p) for p in pieces], np.int64)
+    start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    return _Corpus([flat], np.zeros(len(pieces), np.int64), start, length)
 
 
 def _load_tokens(files: list[str]) -> _Corpus:
-  """Memory-maps pre-tokenised 1-D integer .npy files, one document each."""
-  arrays = []
-  for f in files:
-    try:
-      a = np.load(f, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-      raise ValueError(f"{f}: not a .npy array file ({e})") from e
-    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-      raise ValueError(f"{f}: expected a 1-D integer array of token ids, found {a.dtype} {a.shape}")
-    arrays.append(a)
-  n = len(arrays)
-  return _Corpus(arrays, np.arange(n), np.zeros(n, np.int64), np.array([a.size for a in arrays], np.int64))
+    """Memory-maps pre-tokenised 1-D integer .npy files, one document each."""
+    arrays = []
+    for f in files:
+        try:
+            a = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{f}: not a .npy array file ({e})") from e
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{f}: expected a 1-D integer array of token ids, found {a.dtype} {a.shape}")
+        arrays.append(a)
+    n = len(arrays)
+    return _Corpus(arrays, np.arange(n), np.zeros(n, np.int64), np.array([a.size for a in arrays], np.int64))
 
 
 def _load_corpus(cfg: DataConfig) -> tuple[_Corpus, str]:
-  if cfg.source == "stdlib":
-    return _tokenize(stdlib_texts(cfg.max_bytes), cfg), f"stdlib (max_bytes={cfg.max_bytes})"
-  files = _expand(cfg.paths)
-  desc = f"source={cfg.source!r} paths={list(cfg.paths)}"
-  if cfg.source == "tokens":
-    return _load_tokens(files), desc
-  if cfg.source == "text":
-    return _tokenize([_read_text(f) for f in files], cfg), desc
-  return _tokenize([t for f in files for t in _read_jsonl(f, cfg.text_field)], cfg), desc
+    if cfg.source == "stdlib":
+        return _tokenize(stdlib_texts(cfg.max_bytes), cfg), f"stdlib (max_bytes={cfg.max_bytes})"
+    files = _expand(cfg.paths)
+    desc = f"source={cfg.source!r} paths={list(cfg.paths)}"
+    if cfg.source == "tokens":
+        return _load_tokens(files), desc
+    if cfg.source == "text":
+        return _tokenize([_read_text(f) for f in files], cfg), desc
+    return _tokenize([t for f in files for t in _read_jsonl(f, cfg.text_field)], cfg), desc
 
 
 # ------------------------------------------------------------------------------- packing
 
 
 class _Packer:
-  """Maps a batch index to its [B_local, seq_len + 1] int32 token rows (see module doc)."""
+    """Maps a batch index to its [B_local, seq_len + 1] int32 token rows (see module doc)."""
 
-  def __init__(self, corpus: _Corpus, cfg: DataConfig, process_index: int, process_count: int):
-    self.corpus, self.cfg = corpus, cfg
-    self.rows = cfg.global_batch // process_count
-    self.first_row = process_index * self.rows
-    self.windows_per_epoch = (int(corpus.length.sum()) - 1) // cfg.seq_len
-    self._epoch = functools.lru_cache(maxsize=2)(self._epoch_order)
+    def __init__(self, corpus: _Corpus, cfg: DataConfig, process_index: int, process_count: int):
+        self.corpus, self.cfg = corpus, cfg
+        self.rows = cfg.global_batch // process_count
+        self.first_row = process_index * self.rows
+        self.windows_per_epoch = (int(corpus.length.sum()) - 1) // cfg.seq_len
+        self._epoch = functools.lru_cache(maxsize=2)(self._epoch_order)
 
-  def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(document order [D], stream end offset of each ordered document [D], window seed)."""
-    n = len(self.corpus.length)
-    if not self.cfg.shuffle:
-      return np.arange(n), np.cumsum(self.corpus.length), 0
-    seeds = np.random.SeedSequence([self.cfg.seed, epoch])
-    doc_seed, window_seed = seeds.spawn(2)
-    order = np.random.default_rng(doc_seed).permutation(n)
-    return order, np.cumsum(self.corpus.length[order]), int(window_seed.generate_state(1)[0])
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(document order [D], stream end offset of each ordered document [D], window seed)."""
+        n = len(self.corpus.length)
+        if not self.cfg.shuffle:
+            return np.arange(n), np.cumsum(self.corpus.length), 0
+        seeds = np.random.SeedSequence([self.cfg.seed, epoch])
+        doc_seed, window_seed = seeds.spawn(2)
+        order = np.random.default_rng(doc_seed).permutation(n)
+        return order, np.cumsum(self.corpus.length[order]), int(window_seed.generate_state(1)[0])
 
-  def window(self, k: int) -> np.ndarray:
-    """Global window k: [seq_len + 1] int32."""
-    epoch, j = divmod(k, self.windows_per_epoch)
-    order, ends, window_seed = self._epoch(epoch)
-    if self.cfg.shuffle:
-      j = index_shuffle(j, max_index=self.windows_per_epoch - 1, seed=window_seed, rounds=4)
-    size = self.cfg.seq_len + 1
-    out = np.empty(size, np.int32)
-    pos, filled = j * self.cfg.seq_len, 0
-    d = int(np.searchsorted(ends, pos, side="right"))  # first document ending after pos
-    while filled < size:
-      doc = self.corpus.doc(order[d])
-      offset = pos - (ends[d] - len(doc))
-      take = min(size - filled, len(doc) - offset)
-      out[filled:filled + take] = doc[offset:offset + take]
-      filled, pos, d = filled + take, pos + take, d + 1
-    return out
+    def window(self, k: int) -> np.ndarray:
+        """Global window k: [seq_len + 1] int32."""
+        epoch, j = divmod(k, self.windows_per_epoch)
+        order, ends, window_seed = self._epoch(epoch)
+        if self.cfg.shuffle:
+            j = index_shuffle(j, max_index=self.windows_per_epoch - 1, seed=window_seed, rounds=4)
+        size = self.cfg.seq_len + 1
+        out = np.empty(size, np.int32)
+        pos, filled = j * self.cfg.seq_len, 0
+        d = int(np.searchsorted(ends, pos, side="right"))  # first document ending after pos
+        while filled < size:
+            doc = self.corpus.doc(order[d])
+            offset = pos - (ends[d] - len(doc))
+            take = min(size - filled, len(doc) - offset)
+            out[filled : filled + take] = doc[offset : offset + take]
+            filled, pos, d = filled + take, pos + take, d + 1
+        return out
 
-  def batch(self, b: int) -> dict[str, np.ndarray]:
-    """Batch b of this process: {"tokens": [B_local, seq_len + 1] int32}."""
-    first = b * self.cfg.global_batch + self.first_row
-    return {"tokens": np.stack([self.window(k) for k in range(first, first + self.rows)])}
+    def batch(self, b: int) -> dict[str, np.ndarray]:
+        """Batch b of this process: {"tokens": [B_local, seq_len + 1] int32}."""
+        first = b * self.cfg.global_batch + self.first_row
+        return {"tokens": np.stack([self.window(k) for k in range(first, first + self.rows)])}
 
 
 def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Random-access batches of this process: `ds[b]` = {"tokens": [B_local, seq_len + 1] int32}.
+    """Random-access batches of this process: `ds[b]` = {"tokens": [B_local, seq_len + 1] int32}.
 
-  len(ds) is the number of whole global batches in num_epochs epochs (sys.maxsize when
-  repeating forever). Reads and tokenises the source once, here.
-  """
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index}: expected 0 <= process_index < process_count={process_count}")
-  if cfg.global_batch % process_count:
-    raise ValueError(f"DataConfig.global_batch={cfg.global_batch} is not divisible by process_count={process_count}")
-  corpus, desc = _load_corpus(cfg)
-  total = int(corpus.length.sum())
-  if total < cfg.seq_len + 1:
-    raise ValueError(f"{desc} has {total} tokens in {len(corpus.length)} documents; "
-                     f"need at least seq_len + 1 = {cfg.seq_len + 1}")
-  packer = _Packer(corpus, cfg, process_index, process_count)
-  if cfg.num_epochs is None:
-    num_batches = sys.maxsize
-  else:
-    num_batches = cfg.num_epochs * packer.windows_per_epoch // cfg.global_batch
-    if num_batches == 0:
-      raise ValueError(f"{desc} gives {packer.windows_per_epoch} windows of seq_len + 1 = {cfg.seq_len + 1} "
-                       f"tokens per epoch; num_epochs={cfg.num_epochs} cannot fill one global_batch={cfg.global_batch}")
-  return grain.MapDataset.range(num_batches).map(packer.batch)
+    len(ds) is the number of whole global batches in num_epochs epochs (sys.maxsize when
+    repeating forever). Reads and tokenises the source once, here.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            f"process_index={process_index}: expected 0 <= process_index < process_count={process_count}"
+        )
+    if cfg.global_batch % process_count:
+        raise ValueError(
+            f"DataConfig.global_batch={cfg.global_batch} is not divisible by process_count={process_count}"
+        )
+    corpus, desc = _load_corpus(cfg)
+    total = int(corpus.length.sum())
+    if total < cfg.seq_len + 1:
+        raise ValueError(
+            f"{desc} has {total} tokens in {len(corpus.length)} documents; "
+            f"need at least seq_len + 1 = {cfg.seq_len + 1}"
+        )
+    packer = _Packer(corpus, cfg, process_index, process_count)
+    if cfg.num_epochs is None:
+        num_batches = sys.maxsize
+    else:
+        num_batches = cfg.num_epochs * packer.windows_per_epoch // cfg.global_batch
+        if num_batches == 0:
+            raise ValueError(
+                f"{desc} gives {packer.windows_per_epoch} windows of seq_len + 1 = {cfg.seq_len + 1} "
+                f"tokens per epoch; num_epochs={cfg.num_epochs} cannot fill one global_batch={cfg.global_batch}"
+            )
+    return grain.MapDataset.range(num_batches).map(packer.batch)
 
 
-def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-  """Checkpointable iterator over this process's batches {"tokens": [B_local, seq_len + 1] int32}.
+def make_iterator(
+    cfg: DataConfig, *, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """Checkpointable iterator over this process's batches {"tokens": [B_local, seq_len + 1] int32}.
 
-  B_local = global_batch / process_count. Inputs are tokens[:, :-1], targets tokens[:, 1:].
-  `get_state()` / `set_state()` (or `save_args` / `restore_args` with orbax) resume exactly.
-  """
-  ds = make_dataset(cfg, process_index=process_index, process_count=process_count)
-  read = grain.ReadOptions(num_threads=min(cfg.prefetch, 1), prefetch_buffer_size=cfg.prefetch)
-  return iter(ds.to_iter_dataset(read))
+    B_local = global_batch / process_count. Inputs are tokens[:, :-1], targets tokens[:, 1:].
+    `get_state()` / `set_state()` (or `save_args` / `restore_args` with orbax) resume exactly.
+    """
+    ds = make_dataset(cfg, process_index=process_index, process_count=process_count)
+    read = grain.ReadOptions(num_threads=min(cfg.prefetch, 1), prefetch_buffer_size=cfg.prefetch)
+    return iter(ds.to_iter_dataset(read))
 
 
 # ------------------------------------------------------------------------------- orbax
 
 
 def save_args(iterator: grain.DatasetIterator):
-  """Orbax args saving `iterator`'s position: an item of `ocp.args.Composite(data=...)`.
+    """Orbax args saving `iterator`'s position: an item of `ocp.args.Composite(data=...)`.
 
-  Writes `process_{i}-of-{n}.json` (i, n = jax.process_index(), jax.process_count()).
-  """
-  return grain.checkpoint.CheckpointSave(iterator)
+    Writes `process_{i}-of-{n}.json` (i, n = jax.process_index(), jax.process_count()).
+    """
+    return grain.checkpoint.CheckpointSave(iterator)
 
 
 def restore_args(iterator: grain.DatasetIterator):
-  """Orbax args restoring the position into `iterator` in place (built with the same config)."""
-  return grain.checkpoint.CheckpointRestore(iterator)
+    """Orbax args restoring the position into `iterator` in place (built with the same config)."""
+    return grain.checkpoint.CheckpointRestore(iterator)

@@ -19,20 +19,20 @@ TRAIN_BYTES = 8_000_000
 
 
 def build() -> Tokenizer:
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-      vocab_size=VOCAB_SIZE,
-      special_tokens=[BOS_TOKENS[0], EOS_TOKENS[0]],  # ids 0 and 1, in this order
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
-  )
-  tok.train_from_iterator(stdlib_texts(TRAIN_BYTES), trainer=trainer)
-  return tok
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS_TOKENS[0], EOS_TOKENS[0]],  # ids 0 and 1, in this order
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(stdlib_texts(TRAIN_BYTES), trainer=trainer)
+    return tok
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("RAYON_NUM_THREADS", "1")  # single-threaded training: reproducible
-  build().save(TINY_TOKENIZER, pretty=False)
-  print(f"wrote {TINY_TOKENIZER}")
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # single-threaded training: reproducible
+    build().save(TINY_TOKENIZER, pretty=False)
+    print(f"wrote {TINY_TOKENIZER}")

@@ -120,10 +120,11 @@ class Attention(nnx.Module):
         return reference, {}
 
     # ------------------------------------------------------------------ prefill / training
-    def __call__(self, x, *, max_len: int | None = None):
-        """Full sequence from position 0. x ``[B, S, D]`` -> (out ``[B, S, D]``, AttnCache | None).
+    def __call__(self, x, *, max_len: int | None = None, train: bool = False):
+        """Full sequence from position 0. x ``[B, S, D]`` -> (out ``[B, S, D]``, AttnCache | None, aux).
 
-        With ``max_len`` the decoding cache for that many positions is returned too.
+        With ``max_len`` the decoding cache for that many positions is returned too. With ``train``
+        CSA layers put the lightning-indexer KL loss in ``aux["indexer_kl"]``.
         """
         B, S, _ = x.shape
         pos = jnp.arange(S)
@@ -131,7 +132,7 @@ class Attention(nnx.Module):
         scale = self.head_dim ** -0.5
         sink = self.attn_sink[...]
         fns, kw = self._kernels()
-        cache = {}
+        cache, aux = {}, {}
         if self.ratio == 0:
             o = fns.window_attention(q, kv, sink, window=self.window, scale=scale, **kw)
         else:
@@ -141,10 +142,17 @@ class Attention(nnx.Module):
                 cache.update(ckv=_fill(ckv, max_len // self.ratio), comp_k=None, comp_s=None)
                 cache["comp_k"], cache["comp_s"] = self.compressor.state_from_prefill(ck, cs)
             if self.ratio == 4:
-                ientries, ik, is_ = self.indexer.compressor(x)
+                # the indexer learns only from its KL loss: its inputs are cut from the main graph
+                xi, qri = jax.lax.stop_gradient(x), jax.lax.stop_gradient(qr)
+                ientries, ik, is_ = self.indexer.compressor(xi)
                 ikeys = self.indexer.keys(ientries)
-                qi, w = self.indexer.queries(x, qr, pos)
-                topk = self.indexer.select(qi, w, ikeys, pos)
+                qi, w = self.indexer.queries(xi, qri, pos)
+                if train:
+                    scores = self.indexer.scores(qi, w, ikeys, pos)
+                    topk = topk_indices(jax.lax.stop_gradient(scores), self.indexer.topk)
+                    aux["indexer_kl"] = indexer_kl(scores, q, ckv, scale)
+                else:
+                    topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
                 if max_len is not None:
                     cache["ikv"] = _fill(ikeys.astype(x.dtype), max_len // 4)
@@ -154,8 +162,8 @@ class Attention(nnx.Module):
                                              scale=scale, **kw)
         out = self._output(o, pos)
         if max_len is None:
-            return out, None
-        return out, AttnCache(win_kv=ring_from_sequence(kv, self.window), **cache)
+            return out, None, aux
+        return out, AttnCache(win_kv=ring_from_sequence(kv, self.window), **cache), aux
 
     def empty_cache(self, batch: int, max_len: int, dtype) -> AttnCache:
         c = AttnCache(win_kv=jnp.zeros((batch, self.window, self.head_dim), dtype))
@@ -197,6 +205,24 @@ class Attention(nnx.Module):
         o = reference.decode_attention(q[:, 0], jnp.concatenate(keys, 1).astype(q.dtype),
                                        jnp.concatenate(valid, 1), self.attn_sink[...], scale=self.head_dim ** -0.5)
         return self._output(o[:, None], pos), cache.replace(**new)
+
+
+def indexer_kl(scores, q, ckv, scale: float):
+    """KL(main || indexer) over the compressed entries a query may select, averaged over queries.
+
+    The target is the main attention's distribution over the valid compressed entries, per head
+    softmax then mean over heads, detached; the indexer's is ``softmax(scores)`` (SPEC §6).
+    scores ``[B, S, N]`` (-inf = not selectable), q ``[B, S, H, hd]``, ckv ``[B, N, hd]``.
+    """
+    valid = jnp.isfinite(scores)
+    logits = jnp.einsum("bshd,bnd->bshn", jax.lax.stop_gradient(q), jax.lax.stop_gradient(ckv),
+                        preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
+    target = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=2)                 # [B, S, N]
+    log_q = jax.nn.log_softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
+    terms = jnp.where(valid, target * (jnp.log(jnp.where(valid, target, 1.0)) - log_q), 0.0)
+    has = jnp.any(valid, axis=-1)
+    return jnp.sum(jnp.where(has, terms.sum(-1), 0.0)) / jnp.maximum(jnp.sum(has), 1)
 
 
 def _fill(entries, n: int):

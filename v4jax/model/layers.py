@@ -23,8 +23,12 @@ from v4jax.config import MODES
 
 @dataclass(frozen=True)
 class Numerics:
-    """How a forward pass computes (SPEC §5): ``exact`` | ``qat`` | ``production``."""
+    """How a forward pass computes (SPEC §5): ``exact`` | ``qat`` | ``production``.
+
+    ``fp4_experts``: training-side FP4 QAT of routed-expert weights (straight-through estimator).
+    """
     mode: str = "exact"
+    fp4_experts: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:

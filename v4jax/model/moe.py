@@ -64,8 +64,9 @@ class ExpertWeight(nnx.Module):
     """One stacked expert matrix ``[E, out, in]`` (float), FP4 ``[E, out, in/2]`` + ``[E, out, in/32]``,
     or FP8 ``[E, out, in]`` + block scales."""
 
-    def __init__(self, E: int, out_dim: int, in_dim: int, *, fmt: str, dtype, axes, rngs: nnx.Rngs):
-        self.fmt = fmt
+    def __init__(self, E: int, out_dim: int, in_dim: int, *, fmt: str, dtype, axes, rngs: nnx.Rngs,
+                 fp4_qat: bool = False):
+        self.fmt, self.fp4_qat = fmt, fp4_qat
         if fmt == "float":
             self.weight = param(_init_normal(rngs, (E, out_dim, in_dim), in_dim, dtype), axes)
         elif fmt == "fp4":
@@ -82,14 +83,17 @@ class ExpertWeight(nnx.Module):
             return quant.dequant_fp4(self.weight[...], self.scale[...], dtype)
         if self.fmt == "fp8":
             return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
-        return self.weight[...].astype(dtype)
+        w = self.weight[...]
+        if self.fp4_qat:  # forward sees the FP4 grid, the gradient passes straight through
+            w = w + jax.lax.stop_gradient(quant.fake_quant_fp4(w, quant.FP4_BLOCK) - w)
+        return w.astype(dtype)
 
 
 class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, numerics: Numerics, layout: WeightLayout, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.numerics, self.limit = numerics, cfg.swiglu_limit
-        kw = dict(fmt=layout.experts, dtype=layout.dtype, rngs=rngs)
+        kw = dict(fmt=layout.experts, dtype=layout.dtype, rngs=rngs, fp4_qat=numerics.fp4_experts)
         self.w1 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
         self.w2 = ExpertWeight(E, D, I, axes=("experts", "embed", "mlp"), **kw)
         self.w3 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)

@@ -44,14 +44,17 @@ class Block(nnx.Module):
         return hc_mixes(X, fn[...], base[...], scale[...], iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps,
                         norm_eps=c.rms_norm_eps)
 
-    def __call__(self, X, tokens, *, max_len: int | None = None):
-        """X ``[B, S, hc, D]``, tokens ``[B, S]`` -> (X', AttnCache | None, routing info)."""
+    def __call__(self, X, tokens, *, max_len: int | None = None, train: bool = False):
+        """X ``[B, S, hc, D]``, tokens ``[B, S]`` -> (X', AttnCache | None, info).
+
+        info: routing (``experts``, ``scores``) and, with ``train``, attention losses (``indexer_kl``).
+        """
         pre, post, C = self._mixes(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        y, cache = self.attn(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), max_len=max_len)
+        y, cache, aux = self.attn(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), max_len=max_len, train=train)
         X = hc_post(y, X, post, C)
         pre, post, C = self._mixes(X, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         y, route = self.ffn(self.ffn_norm(hc_pre(X, pre, self.numerics.dtype)), tokens)
-        return hc_post(y, X, post, C), cache, route
+        return hc_post(y, X, post, C), cache, {**route, **aux}
 
     def decode(self, X, tokens, t, cache):
         """X ``[B, 1, hc, D]`` at position t -> (X', new AttnCache)."""
@@ -84,14 +87,20 @@ class MTPBlock(Block):
         return self.e_proj(self.enorm(e))[..., None, :] + self.h_proj(self.hnorm(X))
 
 
+def _run_block(block: Block, X, tokens, max_len, train: bool, remat: bool):
+    if remat and max_len is None:
+        return nnx.remat(lambda b, x, t: b(x, t, train=train))(block, X, tokens)
+    return block(X, tokens, max_len=max_len, train=train)
+
+
 class Transformer(nnx.Module):
     """DeepSeek-V4. ``mode``: numerics (SPEC §5); ``layout``: how weights are stored (see WeightLayout)."""
 
     def __init__(self, cfg: ModelConfig, *, mode: str = "exact", layout: WeightLayout | None = None,
-                 rngs: nnx.Rngs | None = None):
+                 rngs: nnx.Rngs | None = None, fp4_expert_qat: bool = False):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         layout = layout or WeightLayout.float()
-        numerics = Numerics(mode)
+        numerics = Numerics(mode, fp4_experts=fp4_expert_qat)
         self.cfg, self.numerics, self.layout = cfg, numerics, layout
         L, D, hc = cfg.num_hidden_layers, cfg.hidden_size, cfg.hc_mult
         kw = dict(numerics=numerics, layout=layout, rngs=rngs)
@@ -118,29 +127,33 @@ class Transformer(nnx.Module):
         return dot_f32(owner.norm(u), self.head.weight[...])
 
     # ------------------------------------------------------------------ full sequences
-    def __call__(self, tokens, *, max_len: int | None = None):
+    def __call__(self, tokens, *, max_len: int | None = None, train: bool = False, remat: bool = False):
         """tokens ``[B, S]`` (positions 0 … S-1) -> (logits fp32 ``[B, S, V]``, final state
-        ``[B, S, hc, D]``, per-layer caches (``max_len`` given) or None, per-layer routing info)."""
-        X = self._embed(tokens)
-        caches, routes = [], []
-        for layer in self.layers:
-            X, c, r = layer(X, tokens, max_len=max_len)
-            caches.append(c)
-            routes.append(r)
-        return self.logits_from_state(X), X, (caches if max_len is not None else None), routes
+        ``[B, S, hc, D]``, per-layer caches (``max_len`` given) or None, per-layer info).
 
-    def mtp_logits(self, X, next_tokens):
+        ``train``: also compute training-only losses (indexer KL); ``remat``: recompute each block's
+        activations in the backward pass instead of storing them.
+        """
+        X = self._embed(tokens)
+        caches, infos = [], []
+        for layer in self.layers:
+            X, c, info = _run_block(layer, X, tokens, max_len, train, remat)
+            caches.append(c)
+            infos.append(info)
+        return self.logits_from_state(X), X, (caches if max_len is not None else None), infos
+
+    def mtp_logits(self, X, next_tokens, *, train: bool = False, remat: bool = False):
         """MTP blocks on the main final state X ``[B, S, hc, D]`` with ``next_tokens = tokens[:, 1:S+1]``.
 
-        Block j feeds on block j-1's output state. Returns (list of fp32 logits ``[B, S, V]``, routing info).
+        Block j feeds on block j-1's output state. Returns (list of fp32 logits ``[B, S, V]``, infos).
         """
         e = self.embed(next_tokens)
-        out, routes = [], []
+        out, infos = [], []
         for blk in self.mtp:
-            X, _, r = blk(blk.inputs(X, e), next_tokens)
+            X, _, info = _run_block(blk, blk.inputs(X, e), next_tokens, None, train, remat)
             out.append(self.logits_from_state(X, owner=blk))
-            routes.append(r)
-        return out, routes
+            infos.append(info)
+        return out, infos
 
     # ------------------------------------------------------------------ decoding
     def prefill(self, tokens, max_len: int):

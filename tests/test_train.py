@@ -1,0 +1,146 @@
+"""Training: loss terms on hand-made inputs, the train CLI end to end, resumption, SIGTERM."""
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from v4jax.config import ConfigError, load_config
+from v4jax.model.attention import indexer_kl
+from v4jax.model.moe import ExpertWeight
+from v4jax import quant
+from v4jax.train_step import cross_entropy, sequence_balance_loss, update_gate_biases
+from conftest import REPO
+
+TINY = REPO / "configs" / "tiny.yaml"
+# small and quick: two layers (CSA + hash routing, HCA) and the MTP block, short sequences
+FAST = ["data.seq_len=64", "data.global_batch=4", "data.max_bytes=300000", "train.log_every=1",
+        "model.num_hidden_layers=2", "model.compress_ratios=[4,16,0]"]
+
+
+def test_cross_entropy_by_hand():
+    logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])   # p(1) = 3/4 ; uniform
+    got = cross_entropy(logits, jnp.array([[1, 0]]))
+    assert abs(float(got) - (-math.log(0.75) + math.log(2.0)) / 2) < 1e-6
+
+
+def test_sequence_balance_loss_by_hand():
+    # one sequence, 2 tokens, 4 experts, top-2: token 0 -> {0, 1}, token 1 -> {0, 2}
+    experts = jnp.array([[[0, 1], [0, 2]]])
+    scores = jnp.array([[[1.0, 1.0, 1.0, 1.0], [2.0, 0.0, 2.0, 0.0]]])
+    f = np.array([2, 1, 1, 0]) * 4 / (2 * 2)                    # E / (k S) · counts
+    p = (np.array([0.25, 0.25, 0.25, 0.25]) + np.array([0.5, 0, 0.5, 0])) / 2
+    assert abs(float(sequence_balance_loss(experts, scores, 4)) - float((f * p).sum())) < 1e-6
+    # the routing counts carry no gradient; the scores do
+    g = jax.grad(lambda s: sequence_balance_loss(experts, s, 4))(scores)
+    assert float(jnp.abs(g).sum()) > 0
+
+
+def test_gate_bias_moves_toward_balance():
+    params = {"layers": {1: {"ffn": {"gate": {"bias": jnp.zeros(4)}}}}}
+    counts = {("layers", 1): jnp.array([10.0, 2.0, 4.0, 4.0])}   # mean 5
+    out = update_gate_biases(params, counts, 0.01)
+    np.testing.assert_allclose(np.asarray(out["layers"][1]["ffn"]["gate"]["bias"]), [-0.01, 0.01, 0.01, 0.01])
+    assert float(params["layers"][1]["ffn"]["gate"]["bias"].sum()) == 0.0       # input not modified
+
+
+def test_indexer_kl_by_hand():
+    rng = np.random.default_rng(0)
+    B, S, H, N, d = 1, 9, 2, 3, 4
+    q = rng.standard_normal((B, S, H, d)).astype(np.float32)
+    ckv = rng.standard_normal((B, N, d)).astype(np.float32)
+    valid = np.arange(N)[None, :] < ((np.arange(S) + 1) // 4)[:, None]
+    scores = np.where(valid[None], rng.standard_normal((B, S, N)), -np.inf).astype(np.float32)
+    kls = []
+    for t in range(S):
+        v = valid[t]
+        if not v.any():
+            continue
+        lg = np.einsum("hd,nd->hn", q[0, t], ckv[0, v]) * 0.5
+        p = (np.exp(lg - lg.max(-1, keepdims=True)) / np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)).mean(0)
+        lq = scores[0, t, v] - np.log(np.exp(scores[0, t, v]).sum())
+        kls.append((p * (np.log(p) - lq)).sum())
+    got = indexer_kl(jnp.asarray(scores), jnp.asarray(q), jnp.asarray(ckv), 0.5)
+    assert abs(float(got) - np.mean(kls)) < 1e-5
+    g = jax.grad(lambda s: indexer_kl(s, jnp.asarray(q), jnp.asarray(ckv), 0.5))(jnp.asarray(scores))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_fp4_expert_qat_is_straight_through():
+    from flax import nnx
+    ew = ExpertWeight(2, 4, 64, fmt="float", dtype=jnp.float32, axes=("experts", "mlp", "embed"),
+                      rngs=nnx.Rngs(0), fp4_qat=True)
+    w = ew.weight[...]
+    chex.assert_trees_all_close(ew.dequantized(jnp.float32), quant.fake_quant_fp4(w, 32))
+    gd, st = nnx.split(ew)
+    g = jax.grad(lambda s: jnp.sum(nnx.merge(gd, s).dequantized(jnp.float32) * 3.0))(st)
+    chex.assert_trees_all_close(g["weight"][...], jnp.full_like(w, 3.0))
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="train.stepz"):
+        load_config(TINY, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        load_config(TINY, ["train.steps=0"])
+    with pytest.raises(ConfigError, match="seq_len"):
+        load_config(TINY, ["data.seq_len=-4"])
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_config(TINY, ["trian.steps=3"])
+    from v4jax.sharding import mesh_shape
+    from v4jax.config import MeshConfig
+    with pytest.raises(ConfigError, match="devices"):
+        mesh_shape(MeshConfig(data=2, fsdp=3), 4)
+    assert mesh_shape(MeshConfig(data=-1, tensor=2), 8) == (4, 1, 1, 2)
+
+
+def _train(workdir, *overrides):
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(workdir), "--quiet",
+           *FAST, *overrides]
+    subprocess.run(cmd, check=True, cwd=workdir.parent)
+    return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_training_learns_and_resumes_exactly(tmp_path):
+    straight = _train(tmp_path / "a", "train.steps=16")
+    first, last5 = straight[0]["loss"], np.mean([r["loss"] for r in straight[-5:]])
+    assert last5 <= 0.9 * first, (first, last5)
+    for r in straight:
+        for k in ("loss", "mtp_ce", "balance_loss", "indexer_kl", "grad_norm", "lr", "max_expert_load",
+                  "min_expert_load", "tokens_per_s", "step_time_s"):
+            assert np.isfinite(r[k]), (k, r)
+    assert any((tmp_path / "a" / "tb").iterdir())
+
+    first_half = _train(tmp_path / "b", "train.steps=8")
+    assert [m["step"] for m in first_half] == list(range(1, 9))
+    resumed = _train(tmp_path / "b", "train.steps=16")
+    assert [m["step"] for m in resumed] == list(range(1, 17))
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "mtp_ce", "indexer_kl", "grad_norm", "max_expert_load"):
+            assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
+    ckpts = sorted(int(p.name) for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit())
+    assert ckpts[-1] == 16 and len(ckpts) <= 2  # keep: 2
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits(tmp_path):
+    work = tmp_path / "s"
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work), "--quiet",
+           *FAST, "train.steps=1000", "checkpoint.every=1000"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path)
+    metrics = work / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] == steps[-1] and 2 <= steps[-1] < 1000

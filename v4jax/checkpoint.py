@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a training run: ``WORKDIR/checkpoints/<step>/{state, data, config}``.
+
+* ``state``  — the train state pytree ``{"params", "opt_state", "step", "rng"}`` (``params`` is the pure
+  dict of the model's nnx.Params, names as in the released checkpoints; gate biases included);
+* ``data``   — the grain iterator state (one file per process);
+* ``config`` — the run's full config (JSON).
+
+Saves are atomic (orbax writes a temporary directory and renames it when complete), optionally
+asynchronous, and only the newest ``keep`` are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from v4jax import data as data_lib
+from v4jax.config import CheckpointConfig, ConfigError, ModelConfig, build
+
+
+class TrainCheckpointer:
+    def __init__(self, directory: str | os.PathLike, cfg: CheckpointConfig):
+        self.directory = Path(directory).absolute()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save,
+                                            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, config: dict, *, wait: bool = False):
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=data_lib.save_args(data_iter),
+                                  config=ocp.args.JsonSave(config))
+        self.manager.save(step, args=args, force=True)
+        if wait:
+            self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state, data_iter):
+        """Restore ``state`` onto the shapes / dtypes / shardings of ``abstract_state``; the data
+        iterator is restored in place."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=data_lib.restore_args(data_iter))
+        return self.manager.restore(step, args=args)["state"]
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _int_keys(tree):
+    """Orbax restores dict keys as strings without a target: give list indices back their int keys."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, int]:
+    """Model config, params (numpy pure dict) and step of a checkpoint written by ``train.py``.
+
+    ``path``: the run's workdir, its ``checkpoints`` directory, or one step's directory.
+    """
+    p = Path(path).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"training checkpoint path does not exist: {p}")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / "state").is_dir():
+        root, step = p.parent, int(p.name)
+    else:
+        root = p
+    manager = ocp.CheckpointManager(root)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no training checkpoint under {root}")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             config=ocp.args.JsonRestore()))
+    manager.close()
+    cfg_dict = restored["config"]
+    try:
+        model_cfg = build(ModelConfig, cfg_dict["model"], prefix="model.")
+    except (KeyError, ConfigError) as e:
+        raise ConfigError(f"{root}/{step}/config: not a v4jax training config ({e})") from None
+    params = jax.tree_util.tree_map(np.asarray, _int_keys(restored["state"]["params"]))
+    return model_cfg, params, step
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

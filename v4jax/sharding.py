@@ -1,0 +1,75 @@
+"""Device mesh and the logical-axis -> mesh-axis table (the one place model code meets a mesh).
+
+Parameters carry logical axis names (``out_sharding`` metadata set by ``layers.param``); ``RULES``
+maps each name to a mesh axis. A dimension whose size the mesh axis does not divide stays
+replicated. Batches are split over ``("data", "fsdp")``.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from v4jax.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "expert", "tensor")
+
+RULES = {
+    "embed": "fsdp",
+    "experts": "expert",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "index_heads": "tensor",
+    "vocab": "tensor",
+}
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    sizes = [cfg.data, cfg.fsdp, cfg.expert, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"mesh: {n_devices} devices are not divisible by the fixed axes' product {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"mesh: data×fsdp×expert×tensor = {'×'.join(map(str, sizes))} = {math.prod(sizes)}, "
+                          f"but there are {n_devices} devices")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), AXES)
+
+
+def spec_for(shape, logical, mesh: Mesh) -> P:
+    """PartitionSpec of one array from its logical axis names (replicated where indivisible / unnamed)."""
+    out = []
+    for dim, name in zip(shape, logical or (None,) * len(shape)):
+        axis = RULES.get(name)
+        if axis is None or mesh.shape[axis] == 1 or dim % mesh.shape[axis] or axis in out:
+            out.append(None)
+        else:
+            out.append(axis)
+    return P(*out)
+
+
+def param_shardings(params_state: nnx.State, mesh: Mesh):
+    """nnx.State of Params -> pure dict of NamedShardings with the same structure as its pure dict."""
+    def one(v):
+        meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
+        return NamedSharding(mesh, spec_for(v.shape, meta.get("out_sharding"), mesh))
+    specs = jax.tree_util.tree_map(one, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,153 @@
+"""V4 training losses and one optimisation step (SPEC §6).
+
+loss = CE(next token) + w_mtp · CE(MTP, token t+2) + w_bal · sequence-wise balance + w_idx · indexer KL
+
+After the optimizer update, the aux-loss-free rule nudges every score-routed layer's gate bias by
+``speed · sign(mean load - load)`` (outside the gradient). The train state is a plain pytree:
+``{"params": pure dict of the model's nnx.Params, "opt_state", "step", "rng"}``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from v4jax.config import ModelConfig, TrainConfig
+
+
+def cross_entropy(logits, targets):
+    """Mean next-token NLL; logits fp32 ``[B, S, V]``, targets int ``[B, S]``."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+
+def sequence_balance_loss(experts, scores, n_experts: int):
+    """Sequence-wise balance loss ``Σ_i f_i · P_i``, averaged over sequences.
+
+    experts int ``[B, S, k]`` (chosen), scores ``[B, S, E]`` (sqrt-softplus affinities):
+    ``f_i = E / (k·S) · #{t : i chosen at t}`` (no gradient), ``P_i = mean_t s_{t,i} / Σ_j s_{t,j}``.
+    """
+    B, S, k = experts.shape
+    counts = jax.nn.one_hot(experts, n_experts, dtype=jnp.float32).sum((1, 2))          # [B, E]
+    f = jax.lax.stop_gradient(counts * n_experts / (k * S))
+    p = jnp.mean(scores / jnp.sum(scores, -1, keepdims=True), axis=1)                   # [B, E]
+    return jnp.mean(jnp.sum(f * p, -1))
+
+
+def expert_counts(experts, n_experts: int):
+    """Tokens routed to each expert over the batch: float ``[E]``."""
+    return jax.nn.one_hot(experts.reshape(-1), n_experts, dtype=jnp.float32).sum(0)
+
+
+def _score_layers(cfg: ModelConfig, infos, mtp_infos):
+    """(path to the gate, info) of every score-routed (non-hash) MoE."""
+    out = [(("layers", i), info) for i, info in enumerate(infos) if i >= cfg.num_hash_layers]
+    return out + [(("mtp", j), info) for j, info in enumerate(mtp_infos)]
+
+
+def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
+    """tokens int ``[B, S + 1]`` -> (total loss, metrics, expert counts per score-routed layer).
+
+    metrics: ``loss`` (next-token CE), ``mtp_ce``, ``balance_loss``, ``indexer_kl``, ``total_loss``.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, X, _, infos = model(inputs, train=True, remat=tcfg.remat)
+    ce = cross_entropy(logits, targets)
+    metrics = {"loss": ce}                     # the next-token cross-entropy
+    loss = ce
+    mtp_infos = []
+    if cfg.num_nextn_predict_layers and tcfg.mtp_loss_weight > 0:
+        mtp, mtp_infos = model.mtp_logits(X, targets, train=True, remat=tcfg.remat)
+        # MTP block j at position t predicts token t + 2 + j (drop positions past the sequence)
+        mtp_ce = jnp.mean(jnp.stack([cross_entropy(m[:, : m.shape[1] - 1 - j], tokens[:, 2 + j:])
+                                     for j, m in enumerate(mtp)]))
+        metrics["mtp_ce"] = mtp_ce
+        loss = loss + tcfg.mtp_loss_weight * mtp_ce
+    scored = _score_layers(cfg, infos, mtp_infos)
+    if scored:
+        bal = jnp.mean(jnp.stack([sequence_balance_loss(i["experts"], i["scores"], cfg.n_routed_experts)
+                                  for _, i in scored]))
+        metrics["balance_loss"] = bal
+        loss = loss + tcfg.balance_loss_weight * bal
+    kls = [i["indexer_kl"] for i in infos + mtp_infos if "indexer_kl" in i]
+    if kls:
+        kl = jnp.mean(jnp.stack(kls))
+        metrics["indexer_kl"] = kl
+        loss = loss + tcfg.indexer_loss_weight * kl
+    counts = {path: expert_counts(i["experts"], cfg.n_routed_experts) for path, i in scored}
+    metrics["total_loss"] = loss
+    return loss, metrics, counts
+
+
+def update_gate_biases(params, counts, speed: float):
+    """Aux-loss-free balancing: ``bias += speed · sign(mean load - load)`` for each score-routed layer."""
+    if speed == 0 or not counts:
+        return params
+    params = jax.tree_util.tree_map(lambda x: x, params)  # fresh containers, leaves shared
+    for (group, idx), c in counts.items():
+        gate = params[group][idx]["ffn"]["gate"]
+        gate["bias"] = gate["bias"] + speed * jnp.sign(jnp.mean(c) - c)
+    return params
+
+
+def load_stats(counts):
+    """Worst expert load over layers, relative to the mean: (max, min)."""
+    rel = [c / jnp.maximum(jnp.mean(c), 1e-9) for c in counts.values()]
+    return jnp.max(jnp.stack([r.max() for r in rel])), jnp.min(jnp.stack([r.min() for r in rel]))
+
+
+def make_train_step(graphdef, rest, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.GradientTransformation,
+                    lr_schedule):
+    """Returns ``step(state, tokens) -> (state, metrics)`` (pure; jit it with the state's shardings)."""
+
+    def loss_fn(params, tokens):
+        model = nnx.merge(graphdef, nnx.State(params), rest)
+        loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
+        return loss, (metrics, counts)
+
+    def step(state, tokens):
+        (_, (metrics, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        params = update_gate_biases(params, counts, tcfg.bias_update_speed)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = lr_schedule(state["step"])
+        if counts:
+            metrics["max_expert_load"], metrics["min_expert_load"] = load_stats(counts)
+        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new, metrics
+
+    return step
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 × forward), for MFU.
+
+    Matmuls: 2 FLOPs per active weight (projections, compressors, indexer, gate, shared and the
+    k routed experts, mHC mixes, head; MTP blocks included). Attention: 4·H·hd per attended key
+    (scores and values) with the average key count of each layer kind at this sequence length.
+    """
+    D, H, hd, hc = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.hc_mult
+    I, k, E = cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    per_block = (D * cfg.q_lora_rank + cfg.q_lora_rank * H * hd + D * hd + H * hd * cfg.o_lora_rank
+                 + cfg.o_groups * cfg.o_lora_rank * D + E * D + 3 * D * I * (k + cfg.n_shared_experts)
+                 + 2 * (2 + hc) * hc * hc * D)
+    flops = 0.0
+    win = min(cfg.sliding_window, seq_len)
+    for r in cfg.compress_ratios:
+        w = per_block
+        keys = win
+        if r:
+            c = 2 if r == 4 else 1
+            w += 2 * D * c * hd
+            keys += min(cfg.index_topk, seq_len / r / 2) if r == 4 else seq_len / r / 2
+        if r == 4:
+            IH, ID = cfg.index_n_heads, cfg.index_head_dim
+            w += cfg.q_lora_rank * IH * ID + D * IH + 2 * D * 2 * ID
+            flops += 2 * IH * ID * seq_len / 8                   # indexer scores, average entry count
+        flops += 2 * w + 4 * H * hd * keys
+    flops += 2 * cfg.vocab_size * D * (1 + cfg.num_nextn_predict_layers)
+    flops += 2 * 2 * D * D * cfg.num_nextn_predict_layers     # e_proj, h_proj
+    return 3.0 * flops

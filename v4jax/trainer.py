@@ -1,0 +1,176 @@
+"""The training loop behind ``train.py``: build, resume, step, log, checkpoint.
+
+``WORKDIR`` holds ``config.json`` (the run's config), ``metrics.jsonl`` (one JSON object per logged
+step), ``tb/`` (TensorBoard event files) and ``checkpoints/`` (orbax, see ``v4jax.checkpoint``).
+Re-running with the same workdir resumes from the newest checkpoint and continues exactly as an
+uninterrupted run would (same batches, same optimizer state, same gate biases).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from v4jax import sharding
+from v4jax.checkpoint import TrainCheckpointer, write_json_atomic
+from v4jax.config import Config, ConfigError
+from v4jax.data import make_iterator
+from v4jax.model.transformer import Transformer
+from v4jax.optim import build_optimizer, learning_rate_schedule
+from v4jax.train_step import make_train_step, train_flops_per_token
+
+# dense bf16 peak per device (vendor datasheets), used for MFU when train.peak_tflops is not given
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "TPU v4": 275.0,
+               "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v6": 918.0}
+
+
+def maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when this process is one of several (cluster env vars)."""
+    env = os.environ
+    multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+             or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+             or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
+    if multi and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def _peak_flops(tcfg) -> float | None:
+    if tcfg.peak_tflops:
+        return tcfg.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    for name, tf in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return tf * 1e12
+    return None
+
+
+class _Stop:
+    """SIGTERM / SIGINT -> finish the current step, save, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _check_same_model(saved: dict, cfg: Config):
+    now = cfg.to_dict()
+    diff = sorted(k for k in set(saved.get("model", {})) | set(now["model"])
+                  if saved.get("model", {}).get(k) != now["model"].get(k))
+    if diff:
+        raise ConfigError(f"the checkpoint was written for a different model; differing model keys: {diff}")
+
+
+def _truncate_metrics(path: Path, last_step: int):
+    if path.is_file():
+        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
+        path.write_text("".join(l + "\n" for l in keep))
+
+
+def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> list[dict]:
+    """Run (or resume) training; returns the metrics logged by this invocation."""
+    maybe_initialize_distributed()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tcfg, mcfg = cfg.train, cfg.model
+    mesh = sharding.make_mesh(cfg.mesh)
+    is_main = jax.process_index() == 0
+
+    model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat)
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    p_shard = sharding.param_shardings(params_state, mesh)
+    params = jax.device_put(nnx.to_pure_dict(params_state), p_shard)
+    tx = build_optimizer(cfg.optimizer, params)
+    lr = learning_rate_schedule(cfg.optimizer)
+    rep = sharding.replicated(mesh)
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
+             "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+    data_iter = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+    ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
+    metrics_path = workdir / "metrics.jsonl"
+    start = ckpt.latest_step()
+    if start is not None:
+        _check_same_model(ckpt.saved_config(start), cfg)
+        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = ckpt.restore(start, abstract, data_iter)
+        if is_main:
+            _truncate_metrics(metrics_path, start)
+            print(f"resumed from step {start} ({ckpt.directory / str(start)})")
+    else:
+        start = 0
+    if is_main:
+        write_json_atomic(workdir / "config.json", cfg.to_dict())
+
+    step_fn = jax.jit(make_train_step(graphdef, rest, mcfg, tcfg, tx, lr),
+                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
+    tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
+    flops_per_token = train_flops_per_token(mcfg, cfg.data.seq_len)
+    peak = _peak_flops(tcfg)
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tb"))
+
+    stop = _Stop()
+    logged = []
+    bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+    t_last, steps_since = time.perf_counter(), 0
+    step = start
+    try:
+        while step < tcfg.steps:
+            local = next(data_iter)["tokens"]
+            batch = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            stopping = stop.requested  # read once: a signal may arrive while this step is logged
+            last = step == tcfg.steps or stopping
+            if step % tcfg.log_every == 0 or last:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                dt = (now - t_last) / steps_since
+                t_last, steps_since = now, 0
+                row = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                       "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+                row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * jax.device_count()) if peak else None
+                logged.append(row)
+                if is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    for k, v in row.items():
+                        if k != "step" and v is not None:
+                            writer.add_scalar(k, v, step)
+                    writer.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if step % cfg.checkpoint.every == 0 or last:
+                ckpt.save(step, state, data_iter, cfg.to_dict(), wait=last)
+            if stopping:
+                if is_main:
+                    print(f"stopped by signal at step {step}; checkpoint saved")
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+    return logged
