@@ -184,9 +184,8 @@ class Attention(nnx.Module):
         qr, q, kv = self._qkv(x, pos)
         win_kv = jax.lax.dynamic_update_slice_in_dim(cache.win_kv, kv.astype(cache.win_kv.dtype),
                                                      t % self.window, axis=1)
-        keys = [win_kv]
-        valid = [jnp.broadcast_to(ring_positions(t, self.window) >= 0, (B, self.window))]
         new = dict(win_kv=win_kv)
+        ckv = idx = None
         if self.ratio:
             entry, done, (ck, cs) = self.compressor.decode(x, t, (cache.comp_k, cache.comp_s))
             ckv = _write_entry(cache.ckv, self._quant_kv(entry.astype(x.dtype)), done, t, self.ratio)
@@ -195,16 +194,35 @@ class Attention(nnx.Module):
                 ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
                 ikv = _write_entry(cache.ikv, self.indexer.keys(ientry), done, t, 4)
                 qi, w = self.indexer.queries(x, qr, pos)
-                idx = topk_indices(self.indexer.scores(qi, w, ikv.astype(jnp.float32), pos), self.indexer.topk)[:, 0]
-                keys.append(jnp.take_along_axis(ckv, jnp.maximum(idx, 0)[..., None], axis=1))
-                valid.append(idx >= 0)
+                idx = topk_indices(self.indexer.scores(qi, w, ikv.astype(jnp.float32), pos), self.indexer.topk)
                 new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
-            else:
-                keys.append(ckv)
-                valid.append(jnp.broadcast_to(jnp.arange(ckv.shape[1]) < (t + 1) // self.ratio, (B, ckv.shape[1])))
+        o = self._decode_attention(q, win_kv, ckv, idx, t)
+        return self._output(o, pos), cache.replace(**new)
+
+    def _decode_attention(self, q, win_kv, ckv, idx, t):
+        """q ``[B, 1, H, hd]`` at position t against the window ring and the compressed entries."""
+        B, W = q.shape[0], self.window
+        scale, sink = self.head_dim ** -0.5, self.attn_sink[...]
+        if self.impl == "pallas":  # the prefill kernels with one query: ring rows put in position order
+            kv = jnp.take(win_kv, (t - W + 1 + jnp.arange(W)) % W, axis=1).astype(q.dtype)
+            kw = dict(window=W, scale=scale, q_start=t, kv_start=t - W + 1,
+                      interpret=jax.default_backend() == "cpu")
+            if self.ratio == 0:
+                return pallas_kernels.window_attention(q, kv, sink, **kw)
+            if self.ratio == 4:
+                return pallas_kernels.sparse_attention(q, kv, ckv.astype(q.dtype), idx, sink, **kw)
+            return pallas_kernels.compressed_attention(q, kv, ckv.astype(q.dtype), sink, ratio=self.ratio, **kw)
+        keys = [win_kv]
+        valid = [jnp.broadcast_to(ring_positions(t, W) >= 0, (B, W))]
+        if self.ratio == 4:
+            keys.append(jnp.take_along_axis(ckv, jnp.maximum(idx[:, 0], 0)[..., None], axis=1))
+            valid.append(idx[:, 0] >= 0)
+        elif self.ratio:
+            keys.append(ckv)
+            valid.append(jnp.broadcast_to(jnp.arange(ckv.shape[1]) < (t + 1) // self.ratio, (B, ckv.shape[1])))
         o = reference.decode_attention(q[:, 0], jnp.concatenate(keys, 1).astype(q.dtype),
-                                       jnp.concatenate(valid, 1), self.attn_sink[...], scale=self.head_dim ** -0.5)
-        return self._output(o[:, None], pos), cache.replace(**new)
+                                       jnp.concatenate(valid, 1), sink, scale=scale)
+        return o[:, None]
 
 
 def indexer_kl(scores, q, ckv, scale: float):
