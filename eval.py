@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """v4jax evaluation CLI. Subcommands:
 
-  logits   dump prefill / decode / MTP logits of a checkpoint (or a random model from a preset)
+  logits      dump prefill / decode / MTP logits of a checkpoint (or a random model from a preset)
+  generate    text prompt(s) -> generated text (chat encoding, greedy / temperature / top-p, streaming)
+  perplexity  nats/token and bits/byte of text / JSONL / token files, scored in windows
+  bench       prefill / decode latency and throughput, peak memory, KV-cache bytes per token
+  needle      pass-key retrieval accuracy over context lengths x needle depths
+
+--checkpoint accepts an HF checkpoint directory or an orbax-form one (with v4jax.json).
 
 Run ``python eval.py SUBCOMMAND --help`` for the flags of each.
 """
@@ -17,21 +23,39 @@ import numpy as np
 
 
 def _load_model(args):
-    """The model named by --checkpoint (HF layout) or --config (random init from a YAML preset)."""
-    from flax import nnx
-
-    from v4jax.config import load_model_config
-    from v4jax.hf.checkpoint import load_model
-    from v4jax.model.transformer import Transformer
+    """The model named by --checkpoint (HF or orbax form) or --config (random init from a YAML preset)."""
+    from v4jax.evaluate import load_any
 
     if (args.checkpoint is None) == (args.config is None):
         raise SystemExit("error: give exactly one of --checkpoint DIR or --config PRESET.yaml")
-    if args.checkpoint is not None:
-        return load_model(args.checkpoint, mode=args.mode, layout=args.layout, attention_impl=args.attention_impl,
-                          progress=not args.quiet)
-    overrides = [] if args.attention_impl is None else [f"model.attention_impl={args.attention_impl}"]
-    cfg = load_model_config(args.config, overrides)
-    return Transformer(cfg, mode=args.mode, rngs=nnx.Rngs(args.seed))
+    return load_any(args.checkpoint, args.config, mode=args.mode, layout=args.layout,
+                    attention_impl=args.attention_impl, seed=args.seed, progress=not args.quiet)
+
+
+def _tokenizer(args, cfg):
+    """(tokenizer, bos id, stop ids) for --tokenizer / the checkpoint / the shipped tiny tokenizer."""
+    from v4jax.evaluate import load_tokenizer_for, stop_token_ids
+
+    try:
+        tok, path = load_tokenizer_for(args.checkpoint, args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > cfg.vocab_size:
+        print(f"warning: the tokenizer has {n} ids, the model's vocabulary {cfg.vocab_size}; "
+              f"ids beyond it are rejected", file=sys.stderr)
+    bos, stops = stop_token_ids(tok, path, cfg)
+    return tok, bos, stops
+
+
+def _write_json(path, obj):
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    os.replace(tmp, p)
 
 
 def _tokens(args, vocab: int) -> np.ndarray:
@@ -76,13 +100,282 @@ def cmd_logits(args):
     print(f"wrote {out_path} ({time.time() - t0:.1f}s)")
 
 
+# ------------------------------------------------------------------------------------------- generate
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        p = Path(args.prompts_file)
+        if not p.is_file():
+            raise SystemExit(f"error: --prompts-file not found: {p}")
+        prompts += [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt TEXT (or --prompts-file FILE)")
+    return prompts
+
+
+def _encode_prompt(args, tok, bos, text: str) -> list[int]:
+    from v4jax import chat
+
+    if args.raw:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        return ([bos] if bos is not None and not args.no_bos else []) + ids
+    history = []
+    if args.history:
+        import json
+        try:
+            history = json.loads(Path(args.history).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: --history {args.history}: {e}")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + history
+    messages.append({"role": "user", "content": text})
+    try:
+        s = chat.encode_chat(messages, thinking=args.thinking)
+    except chat.ChatError as e:
+        raise SystemExit(f"error: {e}")
+    return tok.encode(s, add_special_tokens=False).ids
+
+
+class _Streamer:
+    """Prints one row's text as its tokens arrive (holding back an incomplete UTF-8 character)."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def __call__(self, row, token):
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+
+def cmd_generate(args):
+    from v4jax.generate import Engine, generate
+
+    model = _load_model(args)
+    tok, bos, stops = _tokenizer(args, model.cfg)
+    texts = _prompts(args)
+    prompts = [_encode_prompt(args, tok, bos, t) for t in texts]
+    max_len = args.max_len or max(len(p) for p in prompts) + args.max_new_tokens
+    engine = Engine(model, max_len=max_len)
+    streamer = _Streamer(tok) if len(prompts) == 1 and not args.no_stream else None
+    t0 = time.time()
+    try:
+        results = generate(engine, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, stop_ids=stops, on_token=streamer)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    dt = time.time() - t0
+    out = []
+    for i, (text, r) in enumerate(zip(texts, results)):
+        completion = tok.decode(r.tokens, skip_special_tokens=False)
+        if streamer is not None:
+            print(completion[len(streamer.shown):])  # whatever was held back, then a newline
+        else:
+            print(f"=== [{i}] {text}\n{completion}")
+        out.append({"prompt": text, "prompt_tokens": len(prompts[i]), "completion": completion,
+                    "tokens": r.tokens, "finish_reason": r.finish_reason})
+    n = sum(len(r.tokens) for r in results)
+    print(f"[{n} tokens in {dt:.1f}s incl. compilation; finish: {', '.join(r.finish_reason for r in results)}]",
+          file=sys.stderr)
+    if args.json:
+        _write_json(args.json, out)
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+def _documents(args, tok, bos):
+    """(token arrays, UTF-8 byte counts or None) of the --data files."""
+    from v4jax import data
+
+    try:
+        files = data._expand(tuple(args.data))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {str(e).replace('DataConfig.paths', '--data')}")
+    fmt = args.format
+    docs, nbytes = [], []
+    for f in files:
+        kind = fmt or ("jsonl" if f.endswith((".jsonl", ".json")) else "tokens" if f.endswith(".npy") else "text")
+        try:
+            if kind == "tokens":
+                a = np.load(f, allow_pickle=False)
+                if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+                    raise ValueError(f"{f}: expected a 1-D integer array of token ids, found {a.dtype}{list(a.shape)}")
+                docs.append(a.astype(np.int32))
+                nbytes = None
+                continue
+            texts = [data._read_text(f)] if kind == "text" else data._read_jsonl(f, args.text_field)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        for t in texts:
+            head = [bos] if bos is not None and not args.no_bos else []
+            docs.append(np.asarray(head + tok.encode(t, add_special_tokens=False).ids, np.int32))
+            if nbytes is not None:
+                nbytes.append(len(t.encode("utf-8")))
+    if args.max_docs:
+        docs = docs[:args.max_docs]
+        nbytes = nbytes[:args.max_docs] if nbytes is not None else None
+    return docs, nbytes
+
+
+def cmd_perplexity(args):
+    from v4jax.evaluate import Scorer, perplexity
+    from v4jax.generate import Engine
+
+    model = _load_model(args)
+    tok, bos, _ = _tokenizer(args, model.cfg)
+    docs, nbytes = _documents(args, tok, bos)
+    V = model.cfg.vocab_size
+    for i, d in enumerate(docs):
+        if d.size and (d.min() < 0 or d.max() >= V):
+            raise SystemExit(f"error: document {i} has token ids in [{d.min()}, {d.max()}], the vocabulary is [0, {V})")
+    scorer = Scorer(Engine(model, max_len=args.seq_len))
+    try:
+        r = perplexity(scorer, docs, nbytes, seq_len=args.seq_len, stride=args.stride, batch=args.batch,
+                       progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    bpb = f"{r.bits_per_byte:.4f}" if r.bits_per_byte is not None else "n/a (pre-tokenised input)"
+    print(f"| documents | scored tokens | bytes | nats/token | perplexity | bits/byte |\n"
+          f"|---|---|---|---|---|---|\n"
+          f"| {r.documents} | {r.tokens} | {r.bytes if r.bytes is not None else 'n/a'} | "
+          f"{r.nats_per_token:.4f} | {r.perplexity:.3f} | {bpb} |")
+    print(f"(windows of {args.seq_len} tokens, stride {args.stride or args.seq_len}; mode {args.mode})")
+    if args.json:
+        _write_json(args.json, r.__dict__)
+
+
+# ------------------------------------------------------------------------------------------- bench / needle
+
+def cmd_bench(args):
+    from v4jax.evaluate import bench, bench_table
+    from v4jax.generate import Engine
+
+    model = _load_model(args)
+    engine = Engine(model, max_len=args.prompt_len + args.decode_steps + 1)
+    try:
+        r = bench(engine, batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
+                  iters=args.iters, context=args.context, seed=args.seed, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(bench_table(r))
+    print(f"(mode {args.mode}, layout {args.layout}; latencies are medians after a compiling first call)")
+    if args.json:
+        _write_json(args.json, r)
+
+
+def _floats(text, name, cast=float):
+    try:
+        return [cast(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {name} must be a comma-separated list, got {text!r}")
+
+
+def cmd_needle(args):
+    from v4jax.evaluate import needle, needle_table
+    from v4jax.generate import Engine
+
+    lengths, depths = _floats(args.lengths, "--lengths", int), _floats(args.depths, "--depths")
+    if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
+        raise SystemExit("error: need --lengths and --depths (each depth in [0, 1])")
+    model = _load_model(args)
+    tok, bos, _ = _tokenizer(args, model.cfg)
+    engine = Engine(model, max_len=max(lengths) + args.digits + 8)
+    try:
+        r = needle(engine, tok, lengths=lengths, depths=depths, trials=args.trials, batch=args.batch,
+                   digits=args.digits, seed=args.seed, bos=bos, chat=args.chat, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(needle_table(r))
+    if args.json:
+        _write_json(args.json, {"lengths": r.lengths, "depths": r.depths, "accuracy": r.accuracy.tolist(),
+                                "samples": r.samples})
+
+
+def _model_flags(p, *, layout_default="float"):
+    src = p.add_argument_group("model (one of)")
+    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
+    src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
+    p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
+    p.add_argument("--layout", choices=["float", "released"], default=layout_default,
+                   help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
+    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
+                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_commands(sub):
+    p = sub.add_parser("generate", help="generate text from prompt(s)")
+    _model_flags(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line (added to --prompt)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
+    p.add_argument("--system", help="system prompt (chat mode)")
+    p.add_argument("--history", help="JSON list of earlier messages [{role, content}] before the prompt")
+    p.add_argument("--thinking", action="store_true", help="thinking mode: open <think> after the assistant tag")
+    p.add_argument("--raw", action="store_true", help="no chat template: BOS + the prompt text")
+    p.add_argument("--no-bos", action="store_true", help="with --raw: do not prepend BOS")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
+    p.add_argument("--json", help="also write prompts, completions and token ids to this JSON file")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("perplexity", help="nats/token and bits/byte over text / JSONL / token files")
+    _model_flags(p)
+    p.add_argument("--data", nargs="+", required=True, help="files or globs")
+    p.add_argument("--format", choices=["text", "jsonl", "tokens"], default=None,
+                   help="text: one document per file; jsonl: one per line (--text-field); tokens: 1-D .npy "
+                        "(default: by extension)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
+    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to text documents")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="new targets per window; < seq-len re-reads seq-len - stride tokens as context "
+                        "(default seq-len: disjoint windows)")
+    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="prefill / decode throughput and latency, memory, KV-cache size")
+    _model_flags(p)
+    p.add_argument("--batch", type=int, default=1, help="rows (default 1)")
+    p.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (default 32)")
+    p.add_argument("--iters", type=int, default=3, help="timed prefills (default 3)")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length for the KV-cache figure (default prompt-len + decode-steps)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("needle", help="pass-key retrieval accuracy (depth x context length)")
+    _model_flags(p)
+    p.add_argument("--lengths", default="256,1024,4096", help="context lengths in tokens (default 256,1024,4096)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default 0,.25,.5,.75,1)")
+    p.add_argument("--trials", type=int, default=2, help="random keys per cell (default 2)")
+    p.add_argument("--batch", type=int, default=4, help="prompts per generation batch (default 4)")
+    p.add_argument("--digits", type=int, default=5, help="digits of the pass key (default 5)")
+    p.add_argument("--chat", action="store_true", help="wrap the context in the chat encoding (non-thinking)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
+    p.add_argument("--json", help="also write the table and every answer to this JSON file")
+    p.set_defaults(func=cmd_needle)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("logits", help="dump prefill / decode / MTP logits to an .npz")
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", help="released-layout checkpoint directory (config.json + safetensors)")
+    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
     src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
     p.add_argument("--tokens", help="int .npy [B, >=N+M+1]; default: random tokens (--batch, --seed)")
     p.add_argument("--prefill", type=int, required=True, help="N: prefill length")
@@ -97,6 +390,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_logits)
+    _add_commands(sub)
 
     args = ap.parse_args(argv)
     from v4jax.config import ConfigError

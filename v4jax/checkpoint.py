@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: ``WORKDIR/checkpoints/<step>/{state, data, config}``.
 
-* ``state``  — the train state pytree ``{"params", "opt_state", "step", "rng"}`` (``params`` is the pure
-  dict of the model's nnx.Params, names as in the released checkpoints; gate biases included);
+* ``state``  — the train state pytree ``{"params", "buffers", "opt_state", "step", "rng"}`` (``params``
+  is the pure dict of the model's nnx.Params, names as in the released checkpoints, gate biases
+  included; ``buffers`` its untrained state, the hash layers' ``tid2eid``);
 * ``data``   — the grain iterator state (one file per process);
 * ``config`` — the run's full config (JSON).
 
@@ -62,7 +63,8 @@ def _int_keys(tree):
 
 
 def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, int]:
-    """Model config, params (numpy pure dict) and step of a checkpoint written by ``train.py``.
+    """Model config, model state (numpy pure dict: params and ``tid2eid`` tables) and step of a
+    checkpoint written by ``train.py``.
 
     ``path``: the run's workdir, its ``checkpoints`` directory, or one step's directory.
     """
@@ -87,8 +89,16 @@ def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple
         model_cfg = build(ModelConfig, cfg_dict["model"], prefix="model.")
     except (KeyError, ConfigError) as e:
         raise ConfigError(f"{root}/{step}/config: not a v4jax training config ({e})") from None
-    params = jax.tree_util.tree_map(np.asarray, _int_keys(restored["state"]["params"]))
-    return model_cfg, params, step
+    state = _int_keys(restored["state"])
+    params = _deep_merge(state["params"], state.get("buffers") or {})
+    return model_cfg, jax.tree_util.tree_map(np.asarray, params), step
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -3,9 +3,12 @@
     engine = Engine(model, max_len=4096)
     logits, cache, state = engine.prefill(tokens)        # tokens [B, S]
     logits, cache = engine.decode(token, cache)          # token [B], at position cache.pos
+
+    results = generate(engine, [prompt_ids, ...], max_new_tokens=64, temperature=0.7, top_p=0.9)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -111,3 +114,116 @@ def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1) 
                 parts[name] = parts.get(name, 0) + nbytes(a) // batch
     total = sum(parts.values())
     return {"total": total, "per_token": total / context, "parts": parts}
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _sample(logits, key, temperature, top_p, greedy: bool):
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    order = jnp.argsort(-logits, axis=-1)                        # most likely first
+    ranked = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p         # mass before the token < top_p
+    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample_logits(logits, key, *, temperature: float = 0.0, top_p: float = 1.0):
+    """Next tokens from fp32 logits ``[B, V]`` -> int32 ``[B]``.
+
+    ``temperature == 0``: greedy (argmax). Otherwise sample from ``softmax(logits / temperature)``
+    restricted to the nucleus: the most likely tokens whose cumulative probability first reaches
+    ``top_p`` (the most likely token is always kept). ``key``: a jax PRNG key.
+    """
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    return _sample(logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), temperature == 0)
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+@dataclasses.dataclass
+class Generation:
+    """One row's result: new ``tokens`` (without the stop token) and why it ended:
+    ``"eos"`` (a stop id was sampled), ``"stop"`` (``should_stop`` said so) or ``"length"``."""
+    tokens: list[int]
+    finish_reason: str
+
+
+def prefill_length(n: int, bucket: int = 64) -> int:
+    """How many of a shortest prompt's ``n`` tokens to prefill: a multiple of ``bucket`` when n >= bucket,
+    else the largest power of two <= n. The rest is fed through ``decode``; prefill shapes (compiled
+    programs) stay few however prompt lengths vary."""
+    if n >= bucket:
+        return n // bucket * bucket
+    return 1 << (n.bit_length() - 1)
+
+
+def generate(engine: Engine, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop_ids=(), on_token=None, should_stop=None, prefill_bucket: int = 64) -> list[Generation]:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, as one batch.
+
+    Every row starts at position 0 and sees exactly its own tokens (no padding): the batch is
+    prefilled with the first P tokens of every prompt (P = ``prefill_length`` of the shortest
+    prompt); from position P on, each step feeds every row either its next prompt token (teacher
+    forcing, while its prompt lasts) or the token just sampled for it, so rows of different lengths
+    share positions. Rows that have finished keep stepping with a dummy token (discarded) until all
+    are done.
+
+    ``on_token(row, token)`` is called for every generated token as it is decoded (streaming);
+    ``should_stop(row, tokens) -> bool`` may end a row early (e.g. on a stop string). Sampling uses one
+    PRNG key per step, split from ``seed``: outputs are reproducible for a given batch.
+    """
+    prompts = [[int(t) for t in p] for p in prompts]
+    B, V = len(prompts), engine.cfg.vocab_size
+    if B == 0:
+        return []
+    lens = [len(p) for p in prompts]
+    if min(lens) < 1:
+        raise ValueError("every prompt needs at least one token")
+    bad = [(i, t) for i, p in enumerate(prompts) for t in p if not 0 <= t < V]
+    if bad:
+        raise ValueError(f"prompt {bad[0][0]} has token id {bad[0][1]} outside the model's vocabulary [0, {V})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max(lens) + max_new_tokens > engine.max_len:
+        raise ValueError(f"longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"engine's max_len {engine.max_len}")
+    stop_ids = {int(s) for s in stop_ids if s is not None}
+    out = [Generation([], "length") for _ in range(B)]
+    done = [max_new_tokens == 0] * B
+    P = prefill_length(min(lens), prefill_bucket)
+    logits, cache, _ = engine.prefill(np.array([p[:P] for p in prompts], np.int32))
+    last = logits[:, -1]
+    key = jax.random.key(seed)
+    t = P  # position of the token fed next
+    while not all(done):
+        key, sub = jax.random.split(key)
+        sampled = np.asarray(sample_logits(last, sub, temperature=temperature, top_p=top_p))
+        feed = np.zeros(B, np.int32)
+        for i in range(B):
+            if t < lens[i]:
+                feed[i] = prompts[i][t]
+                continue
+            if done[i]:
+                continue
+            tok = int(sampled[i])
+            feed[i] = tok
+            if tok in stop_ids:
+                out[i].finish_reason, done[i] = "eos", True
+                continue
+            out[i].tokens.append(tok)
+            if on_token is not None:
+                on_token(i, tok)
+            if should_stop is not None and should_stop(i, out[i].tokens):
+                out[i].finish_reason, done[i] = "stop", True
+            elif len(out[i].tokens) >= max_new_tokens:
+                done[i] = True
+        if all(done):
+            break
+        last, cache = engine.decode(feed, cache)
+        t += 1
+    return out

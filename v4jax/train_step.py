@@ -4,7 +4,8 @@ loss = CE(next token) + w_mtp · CE(MTP, token t+2) + w_bal · sequence-wise bal
 
 After the optimizer update, the aux-loss-free rule nudges every score-routed layer's gate bias by
 ``speed · sign(mean load - load)`` (outside the gradient). The train state is a plain pytree:
-``{"params": pure dict of the model's nnx.Params, "opt_state", "step", "rng"}``.
+``{"params": pure dict of the model's nnx.Params, "buffers": pure dict of its other state (the hash
+layers' ``tid2eid``), "opt_state", "step", "rng"}``.
 """
 from __future__ import annotations
 
@@ -98,25 +99,29 @@ def load_stats(counts):
     return jnp.max(jnp.stack([r.max() for r in rel])), jnp.min(jnp.stack([r.min() for r in rel]))
 
 
-def make_train_step(graphdef, rest, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.GradientTransformation,
+def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.GradientTransformation,
                     lr_schedule):
-    """Returns ``step(state, tokens) -> (state, metrics)`` (pure; jit it with the state's shardings)."""
+    """Returns ``step(state, tokens) -> (state, metrics)`` (pure; jit it with the state's shardings).
 
-    def loss_fn(params, tokens):
-        model = nnx.merge(graphdef, nnx.State(params), rest)
+    ``graphdef`` comes from ``nnx.split(model, nnx.Param, ...)``.
+    """
+
+    def loss_fn(params, buffers, tokens):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
         loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
         return loss, (metrics, counts)
 
     def step(state, tokens):
-        (_, (metrics, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], tokens)
+        (_, (metrics, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["buffers"], tokens)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = update_gate_biases(params, counts, tcfg.bias_update_speed)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree_utils.tree_l2_norm(grads)
         metrics["lr"] = lr_schedule(state["step"])
         if counts:
             metrics["max_expert_load"], metrics["min_expert_load"] = load_stats(counts)
-        new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         return new, metrics
 
     return step

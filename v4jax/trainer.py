@@ -95,9 +95,10 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     p_shard = sharding.param_shardings(params_state, mesh)
     params = jax.device_put(nnx.to_pure_dict(params_state), p_shard)
     tx = build_optimizer(cfg.optimizer, params)
-    lr = learning_rate_schedule(cfg.optimizer)
     rep = sharding.replicated(mesh)
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params),
+    lr = learning_rate_schedule(cfg.optimizer)
+    state = {"params": params, "buffers": jax.device_put(nnx.to_pure_dict(rest), rep),
+             "opt_state": jax.jit(tx.init)(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
              "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -118,7 +119,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     if is_main:
         write_json_atomic(workdir / "config.json", cfg.to_dict())
 
-    step_fn = jax.jit(make_train_step(graphdef, rest, mcfg, tcfg, tx, lr),
+    step_fn = jax.jit(make_train_step(graphdef, mcfg, tcfg, tx, lr),
                       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=(state_shardings, None), donate_argnums=0)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len

@@ -1,0 +1,341 @@
+"""eval.py generate / perplexity / bench / needle, the chat encoding, sampling, and the lm-eval adapter.
+
+A random small checkpoint (vocab 2048 = the shipped tiny tokenizer) is written once; one Engine is
+compiled for the API-level tests and a persistent compilation cache lets CLI runs of the same
+shapes skip XLA compilation.
+"""
+import importlib.util
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, small_config, write_random_checkpoint
+from v4jax import chat
+from v4jax.evaluate import Scorer, needle_prompt, perplexity, score_documents, score_windows
+from v4jax.generate import Engine, generate, sample_logits
+from v4jax.hf.checkpoint import load_model
+from v4jax.tokenizer import TINY_TOKENIZER, load_tokenizer
+
+MAX_LEN = 128
+CFG = dict(vocab_size=2048, num_hidden_layers=2, num_nextn_predict_layers=0, compress_ratios=[4, 8],
+           hc_sinkhorn_iters=2)  # window, CSA (+ indexer) and HCA layers; no MTP
+PAD = 64  # one padded prefill shape for the hand-computed references
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this module (CLI runs recompile programs of equal shapes)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    cc.reset_cache()
+    cc.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    for k, v in saved.items():
+        jax.config.update(k, v)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    write_random_checkpoint(path, small_config(**CFG), seed=11)
+    shutil.copyfile(TINY_TOKENIZER, path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    return Engine(load_model(ckpt, progress=False), max_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _eval_cli():
+    spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _ids(tok, text):
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def _padded_logits(engine, ids, length=PAD):
+    """Prefill logits of ``ids`` (right-padded to ``length``; causal, so the padding changes nothing
+    before it) -> fp64 log-probabilities ``[len(ids), V]``."""
+    x = np.zeros((1, length), np.int32)
+    x[0, :len(ids)] = ids
+    logits = np.asarray(engine.prefill(x)[0][0, :len(ids)], np.float64)
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------- chat
+
+def test_chat_encoding_of_a_conversation():
+    conv = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Let me greet back.</think>Hello!"},
+            {"role": "user", "content": "What is 2+2?"}]
+    head = ("<｜begin▁of▁sentence｜>You are terse.<｜User｜>Hi<｜Assistant｜></think>Hello!<｜end▁of▁sentence｜>"
+            "<｜User｜>What is 2+2?<｜Assistant｜>")
+    assert chat.encode_chat(conv) == head + "</think>"
+    assert chat.encode_chat(conv, thinking=True) == head + "<think>"
+    assert chat.encode_chat(conv[1:2]) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
+    assert chat.encode_chat(conv[:3], add_generation_prompt=False).endswith("Hello!<｜end▁of▁sentence｜>")
+    assert chat.split_reply("Sum of two twos.</think>4<｜end▁of▁sentence｜>", thinking=True) == ("Sum of two twos.", "4")
+    for bad, msg in [([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user messages"),
+                     ([{"role": "tool", "content": "x"}], "unknown role"),
+                     ([{"role": "assistant", "content": "x"}], "must follow a user"),
+                     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "before the first user")]:
+        with pytest.raises(chat.ChatError, match=msg):
+            chat.encode_chat(bad)
+
+
+# ------------------------------------------------------------------------------------------- sampling / generation
+
+def test_sampling_greedy_top_p_and_temperature():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000, jnp.float32))
+    key = jax.random.key(0)
+    assert np.all(np.asarray(sample_logits(logits, key)) == 0)                       # greedy
+    assert np.all(np.asarray(sample_logits(logits, key, temperature=1.0, top_p=0.4)) == 0)  # nucleus = {0}
+    s = np.asarray(sample_logits(logits, key, temperature=1.0, top_p=0.7))           # nucleus = {0, 1}
+    assert set(np.unique(s)) == {0, 1} and abs(np.mean(s == 0) - 0.5 / 0.8) < 0.03
+    s = np.asarray(sample_logits(logits, key, temperature=1.0))                      # the full distribution
+    np.testing.assert_allclose(np.bincount(s, minlength=4) / len(s), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    s = np.asarray(sample_logits(logits, key, temperature=0.5))                      # sharper: p ∝ p^2
+    np.testing.assert_allclose(np.mean(s == 0), 0.25 / 0.365, atol=0.03)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_logits(logits, key, temperature=1.0, top_p=0.0)
+
+
+def test_generate_batch_of_different_lengths_equals_single_rows(engine):
+    rng = np.random.default_rng(1)
+    p1, p2 = rng.integers(2, 2048, 4).tolist(), rng.integers(2, 2048, 7).tolist()
+    single = [generate(engine, [p], max_new_tokens=6)[0].tokens for p in (p1, p2)]
+    batch = [g.tokens for g in generate(engine, [p1, p2], max_new_tokens=6)]
+    assert batch == single and all(len(t) == 6 for t in single)
+    again = [generate(engine, [p], max_new_tokens=6)[0].tokens for p in (p1, p2)]
+    assert again == single                                                 # greedy is deterministic
+    # the first generated token is the argmax of the prompt's last prefill logits (p2: prefill 4 tokens,
+    # then 3 forced decode steps — the same token as a full prefill would give)
+    assert single[0][0] == int(np.argmax(np.asarray(engine.prefill(np.array([p1]))[0])[0, -1]))
+    assert single[1][0] == int(np.argmax(_padded_logits(engine, p2)[-1]))
+    s1 = generate(engine, [p1], max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)[0].tokens
+    assert generate(engine, [p1], max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)[0].tokens == s1
+
+
+def test_generate_stops_on_eos(engine):
+    prompt = list(range(2, 9))
+    full = generate(engine, [prompt], max_new_tokens=6)[0]
+    assert full.finish_reason == "length"
+    k = next(i for i in range(1, 6) if full.tokens[i] not in full.tokens[:i])
+    stopped = generate(engine, [prompt], max_new_tokens=6, stop_ids={full.tokens[k]})[0]
+    assert stopped.tokens == full.tokens[:k] and stopped.finish_reason == "eos"
+    seen = []
+    generate(engine, [prompt], max_new_tokens=6, on_token=lambda r, t: seen.append(t))
+    assert seen == full.tokens
+    with pytest.raises(ValueError, match="exceeds the engine's max_len"):
+        generate(engine, [prompt], max_new_tokens=MAX_LEN)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        generate(engine, [[5000]], max_new_tokens=1)
+
+
+def test_cli_generate_chat_streams_and_writes_json(ckpt, tok, tmp_path, capsys):
+    ev = _eval_cli()
+    out = tmp_path / "gen.json"
+    ev.main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hi there", "--system", "Be brief.",
+             "--max-new-tokens", "5", "--max-len", str(MAX_LEN), "--json", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    rec = json.loads(out.read_text())[0]
+    expected_prompt = chat.encode_chat([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Hi there"}])
+    assert rec["prompt_tokens"] == len(_ids(tok, expected_prompt))
+    assert rec["completion"] == tok.decode(rec["tokens"], skip_special_tokens=False)
+    assert printed == rec["completion"] + "\n"                         # streamed, then completed
+    assert len(rec["tokens"]) <= 5 and rec["finish_reason"] in ("length", "eos")
+    with pytest.raises(SystemExit, match="at least one --prompt"):
+        ev.main(["generate", "--checkpoint", str(ckpt), "--quiet"])
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+def test_score_windows_cover_every_target_once():
+    assert score_windows(10, 4) == [(0, 4, 1), (4, 8, 5), (5, 9, 9)]
+    assert score_windows(10, 4, 2) == [(0, 2, 1), (0, 4, 3), (2, 6, 5), (4, 8, 7), (5, 9, 9)]
+    for n, L, s in [(1, 4, None), (2, 4, None), (37, 8, 3), (37, 8, 8), (9, 8, 1)]:
+        targets = [j for start, end, a in score_windows(n, L, s) for j in range(a, end + 1)]
+        assert targets == list(range(1, n))
+        assert all(end - start <= L for start, end, _ in score_windows(n, L, s))
+    with pytest.raises(ValueError, match="stride"):
+        score_windows(10, 4, 5)
+
+
+def test_cli_perplexity_matches_logits(ckpt, tmp_path, capsys):
+    L = 16
+    x = np.random.default_rng(2).integers(0, 2048, 2 * L + 1)
+    np.save(tmp_path / "doc.npy", x)
+    rows = np.stack([x[0:L + 1], x[L:2 * L + 1]])            # the two disjoint windows of seq-len L
+    np.save(tmp_path / "rows.npy", rows)
+    ev = _eval_cli()
+    ev.main(["logits", "--checkpoint", str(ckpt), "--tokens", str(tmp_path / "rows.npy"), "--prefill", str(L),
+             "--out", str(tmp_path / "l.npz"), "--quiet"])
+    logits = np.load(tmp_path / "l.npz")["prefill_logits"].astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.mean(np.take_along_axis(logp, rows[:, 1:, None], -1))
+    ev.main(["perplexity", "--checkpoint", str(ckpt), "--data", str(tmp_path / "doc.npy"), "--seq-len", str(L),
+             "--batch", "2", "--json", str(tmp_path / "p.json"), "--quiet"])
+    r = json.loads((tmp_path / "p.json").read_text())
+    assert r["tokens"] == 2 * L and r["bits_per_byte"] is None
+    np.testing.assert_allclose(r["nats_per_token"], expected, rtol=1e-5)
+    assert "nats/token" in capsys.readouterr().out
+
+
+def test_perplexity_strided_windows_and_bits_per_byte(engine, tok):
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    doc = np.array([0] + _ids(tok, text), np.int32)          # BOS + text
+    L, stride = 16, 6
+    scorer = Scorer(engine)
+    got = score_documents(scorer, [doc], seq_len=L, stride=stride, batch=2, progress=False)[0]
+    want = 0.0
+    for s, e, a in score_windows(len(doc), L, stride):        # each window scored by its own prefill
+        lp = _padded_logits(engine, doc[s:e])
+        want += sum(lp[j - 1 - s, doc[j]] for j in range(a, e + 1))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    r = perplexity(scorer, [doc], [len(text.encode())], seq_len=L, stride=stride, batch=2, progress=False)
+    assert r.tokens == len(doc) - 1 and r.bytes == len(text)
+    np.testing.assert_allclose(r.nats_per_token, -want / r.tokens, rtol=1e-5)
+    np.testing.assert_allclose(r.bits_per_byte, -want / math.log(2) / len(text), rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- bench / needle
+
+def test_cli_bench_prints_table(ckpt, tmp_path, capsys):
+    ev = _eval_cli()
+    ev.main(["bench", "--checkpoint", str(ckpt), "--batch", "2", "--prompt-len", "16", "--decode-steps",
+             str(MAX_LEN - 17), "--iters", "2", "--context", "4096", "--json", str(tmp_path / "b.json"), "--quiet"])
+    out = capsys.readouterr().out
+    r = json.loads((tmp_path / "b.json").read_text())
+    for row in ("prefill throughput", "decode throughput", "peak memory", "dense MLA baseline"):
+        assert row in out
+    cfg = small_config(**CFG)
+    assert r["dense_mla_bytes_per_token"] == 2 * 576 * 2  # 2 layers x (512 + 64) bf16
+    # V4 at 4096 positions (bf16): per layer a window ring of 8 rows of hd=64, CSA (ratio 4) entries of
+    # hd plus indexer keys of 32, HCA (ratio 8) entries of hd; compressor rings are a few constant rows.
+    hd, win = cfg.head_dim, cfg.sliding_window
+    approx = (2 * win * hd + 4096 // 4 * (hd + cfg.index_head_dim) + 4096 // 8 * hd) * 2 / 4096
+    assert approx <= r["kv_bytes_per_token"] < approx * 1.1
+    assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0
+
+
+def test_needle_prompt_places_the_key(tok):
+    for depth in (0.0, 0.5, 1.0):
+        ids = needle_prompt(tok, 224, depth, "48213", bos=0)
+        assert len(ids) == 224 and ids[0] == 0
+        assert needle_prompt(tok, 224, depth, "7", bos=0, chat=True)[-3:] == _ids(tok, "<｜Assistant｜></think>")[-3:]
+        text = tok.decode(ids)
+        assert text.count("48213") == 2 and text.endswith("The pass key is")
+        where = text.index("The pass key is 48213") / len(text)
+        assert abs(where - (0.1 + 0.75 * depth)) < 0.2
+    with pytest.raises(ValueError, match="too short"):
+        needle_prompt(tok, 40, 0.5, "48213", bos=0)
+
+
+def test_cli_needle_prints_accuracy_table(ckpt, tmp_path, capsys):
+    ev = _eval_cli()
+    # lengths + 13 answer tokens fit MAX_LEN; both prefill 64 tokens (compiled once)
+    ev.main(["needle", "--checkpoint", str(ckpt), "--lengths", "96,115", "--depths", "0,1", "--trials", "1",
+             "--batch", "2", "--json", str(tmp_path / "n.json"), "--quiet"])
+    out = capsys.readouterr().out
+    assert "| depth \\ length | 96 | 115 |" in out and "| 0% |" in out and "| 100% |" in out
+    r = json.loads((tmp_path / "n.json").read_text())
+    assert np.array(r["accuracy"]).shape == (2, 2) and len(r["samples"]) == 4
+    for s in r["samples"]:  # accuracy is what the answers say
+        assert s["correct"] == (s["key"] in s["answer"])
+
+
+# ------------------------------------------------------------------------------------------- lm-eval adapter
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.fixture(scope="module")
+def lm(engine):
+    from v4jax.lm_eval_adapter import V4JaxLM
+    return V4JaxLM(engine=engine, tokenizer=TINY_TOKENIZER, batch_size=2, max_length=PAD, progress=False)
+
+
+def test_adapter_loglikelihood(lm, engine, tok):
+    reqs = [_Req("The sky is", " blue"), _Req("x = ", "1 + 2"), _Req("", "hello world")]
+    got = lm.loglikelihood(reqs)
+    for (ctx, cont), (lp, greedy) in zip([("The sky is", " blue"), ("x =", " 1 + 2"), ("", "hello world")], got):
+        whole = [0] + _ids(tok, ctx) + _ids(tok, cont)
+        n = len(_ids(tok, cont))
+        logp = _padded_logits(engine, whole[:-1])
+        pos = range(len(whole) - 1 - n, len(whole) - 1)
+        np.testing.assert_allclose(lp, sum(logp[p, whole[p + 1]] for p in pos), rtol=1e-5)
+        assert greedy == all(int(np.argmax(logp[p])) == whole[p + 1] for p in pos)
+
+
+def test_adapter_rolling_and_generate_until(lm, engine, tok):
+    text = "def add(a, b):\n    return a + b\n" * 6
+    ids = [0] + _ids(tok, text)
+    assert len(ids) > lm.max_length + 1                             # two windows
+    want = 0.0
+    for s, e, a in score_windows(len(ids), lm.max_length):
+        lp = _padded_logits(engine, ids[s:e])
+        want += sum(lp[j - 1 - s, ids[j]] for j in range(a, e + 1))
+    np.testing.assert_allclose(lm.loglikelihood_rolling([_Req(text)])[0], want, rtol=1e-5)
+
+    prompt = "Once upon a time"
+    full = generate(engine, [[0] + _ids(tok, prompt)], max_new_tokens=8)[0].tokens
+    stop = tok.decode(full[:4])[len(tok.decode(full[:2])):]
+    assert stop
+    expected = tok.decode(full).split(stop, 1)[0]
+    got = lm.generate_until([_Req(prompt, {"until": [stop], "max_gen_toks": 8}),
+                             _Req(prompt, {"until": [], "max_gen_toks": 8})])
+    assert got == [expected, tok.decode(full)]
+    assert lm.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<｜User｜>Hi<｜Assistant｜></think>"
+
+
+def test_lm_eval_harness_runs_a_local_task(lm, tmp_path, monkeypatch):
+    """A tiny multiple-choice task (YAML + JSONL written here) through lm-eval's own evaluator."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import v4jax.lm_eval_adapter as adapter
+    assert issubclass(adapter.V4JaxLM, lm_eval.api.model.LM)
+    from lm_eval.api.registry import get_model
+    assert get_model("v4jax") is adapter.V4JaxLM
+    rows = [{"question": "The sky is", "choices": ["blue", "green", "loud"], "answer": 0},
+            {"question": "Two plus two is", "choices": ["four", "five"], "answer": 1}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(
+        "task: v4jax_tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    res = lm_eval.simple_evaluate(model=lm, tasks=["v4jax_tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)),
+                                  log_samples=True)
+    samples = res["samples"]["v4jax_tiny_mc"]
+    want = []
+    for s, row in zip(sorted(samples, key=lambda s: s["doc_id"]), rows):
+        scores = [r[0][0] for r in s["resps"]]
+        direct = lm.loglikelihood([_Req(row["question"], " " + c) for c in row["choices"]])
+        np.testing.assert_allclose(scores, [d[0] for d in direct], rtol=1e-6)
+        want.append(float(int(np.argmax(scores)) == row["answer"]))
+    assert res["results"]["v4jax_tiny_mc"]["acc,none"] == pytest.approx(np.mean(want))
