@@ -117,7 +117,8 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = update_gate_biases(params, counts, tcfg.bias_update_speed)
-        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree_util.tree_leaves(grads)))
+        metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                                            for g in jax.tree_util.tree_leaves(grads)))
         metrics["lr"] = lr_schedule(state["step"])
         if counts:
             metrics["max_expert_load"], metrics["min_expert_load"] = load_stats(counts)
