@@ -13,9 +13,13 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
+
+if TYPE_CHECKING:  # section types defined beside their code
+    from v4jax.data import DataConfig
+    from v4jax.optim import OptimizerConfig
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -21,11 +22,9 @@ from v4jax.config import ModelConfig
 from v4jax.model.cache import AttnCache, ring_from_sequence, ring_positions
 from v4jax.model.compressor import Compressor
 from v4jax.model.indexer import Indexer, topk_indices
-from v4jax.model.layers import Linear, Numerics, RMSNorm, WeightLayout, fp8_scale_shape, param, rms_norm
-from v4jax.model.layers import _init_normal, _placeholder
+from v4jax.model.layers import (Linear, Numerics, RMSNorm, WeightLayout, init_normal, placeholder,
+                                fp8_scale_shape, param, rms_norm)
 from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
-
-import ml_dtypes
 
 
 class GroupedLinear(nnx.Module):
@@ -41,11 +40,11 @@ class GroupedLinear(nnx.Module):
         self.groups, self.in_dim, self.rank, self.fmt = groups, in_dim, rank, layout.fp8
         self.numerics = numerics
         if self.fmt == "fp8":
-            self.weight = param(_placeholder((groups * rank, in_dim), ml_dtypes.float8_e4m3fn), ("o_lora", "heads"))
-            self.scale = param(_placeholder(fp8_scale_shape(groups * rank, in_dim), ml_dtypes.float8_e8m0fnu),
+            self.weight = param(placeholder((groups * rank, in_dim), ml_dtypes.float8_e4m3fn), ("o_lora", "heads"))
+            self.scale = param(placeholder(fp8_scale_shape(groups * rank, in_dim), ml_dtypes.float8_e8m0fnu),
                                ("o_lora", "heads"))
         else:
-            self.weight = param(_init_normal(rngs, (groups, rank, in_dim), in_dim, layout.dtype),
+            self.weight = param(init_normal(rngs, (groups, rank, in_dim), in_dim, layout.dtype),
                                 ("o_groups", "o_lora", "heads"))
 
     def dequantized(self, dtype=jnp.float32):
@@ -179,7 +178,6 @@ class Attention(nnx.Module):
     # ------------------------------------------------------------------ decode
     def decode(self, x, t, cache: AttnCache):
         """One token x ``[B, 1, D]`` at position t (int32 scalar) -> (out ``[B, 1, D]``, new cache)."""
-        B = x.shape[0]
         pos = t[None]
         qr, q, kv = self._qkv(x, pos)
         win_kv = jax.lax.dynamic_update_slice_in_dim(cache.win_kv, kv.astype(cache.win_kv.dtype),

@@ -116,11 +116,11 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight[...], self.eps)
 
 
-def _init_normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
+def init_normal(rngs: nnx.Rngs, shape, fan_in: int, dtype):
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * (1.0 / math.sqrt(fan_in))).astype(dtype)
 
 
-def _placeholder(shape, dtype):
+def placeholder(shape, dtype):
     """Zero bytes of a quantised dtype (filled by the checkpoint loader)."""
     return jnp.asarray(np.zeros(shape, dtype=np.dtype(dtype)))
 
@@ -141,10 +141,10 @@ class Linear(nnx.Module):
         self.in_dim, self.out_dim, self.fmt = in_dim, out_dim, fmt
         self.numerics, self.qat_input = numerics, qat_input
         if fmt == "float":
-            self.weight = param(_init_normal(rngs, (out_dim, in_dim), in_dim, param_dtype), axes)
+            self.weight = param(init_normal(rngs, (out_dim, in_dim), in_dim, param_dtype), axes)
         elif fmt == "fp8":
-            self.weight = param(_placeholder((out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
-            self.scale = param(_placeholder(fp8_scale_shape(out_dim, in_dim), ml_dtypes.float8_e8m0fnu), axes)
+            self.weight = param(placeholder((out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
+            self.scale = param(placeholder(fp8_scale_shape(out_dim, in_dim), ml_dtypes.float8_e8m0fnu), axes)
         else:
             raise ValueError(f"Linear: unknown weight format {fmt!r}")
 

@@ -17,7 +17,7 @@ from flax import nnx
 
 from v4jax import quant
 from v4jax.config import ModelConfig
-from v4jax.model.layers import (Linear, Numerics, WeightLayout, _init_normal, _placeholder, dot_f32,
+from v4jax.model.layers import (Linear, Numerics, WeightLayout, init_normal, placeholder, dot_f32,
                                 fp8_scale_shape, param)
 
 
@@ -38,7 +38,7 @@ class Gate(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, hashed: bool, layout: WeightLayout, rngs: nnx.Rngs):
         E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.topk, self.scale, self.hashed = k, cfg.routed_scaling_factor, hashed
-        self.weight = param(_init_normal(rngs, (E, cfg.hidden_size), cfg.hidden_size, layout.bf16),
+        self.weight = param(init_normal(rngs, (E, cfg.hidden_size), cfg.hidden_size, layout.bf16),
                             ("experts", "embed"))
         if hashed:
             ids = jax.random.randint(rngs.params(), (cfg.vocab_size, k), 0, E, jnp.int32)
@@ -68,13 +68,13 @@ class ExpertWeight(nnx.Module):
                  fp4_qat: bool = False):
         self.fmt, self.fp4_qat = fmt, fp4_qat
         if fmt == "float":
-            self.weight = param(_init_normal(rngs, (E, out_dim, in_dim), in_dim, dtype), axes)
+            self.weight = param(init_normal(rngs, (E, out_dim, in_dim), in_dim, dtype), axes)
         elif fmt == "fp4":
-            self.weight = param(_placeholder((E, out_dim, in_dim // 2), "int8"), axes)
-            self.scale = param(_placeholder((E, out_dim, in_dim // quant.FP4_BLOCK), ml_dtypes.float8_e8m0fnu), axes)
+            self.weight = param(placeholder((E, out_dim, in_dim // 2), "int8"), axes)
+            self.scale = param(placeholder((E, out_dim, in_dim // quant.FP4_BLOCK), ml_dtypes.float8_e8m0fnu), axes)
         elif fmt == "fp8":
-            self.weight = param(_placeholder((E, out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
-            self.scale = param(_placeholder((E, *fp8_scale_shape(out_dim, in_dim)), ml_dtypes.float8_e8m0fnu), axes)
+            self.weight = param(placeholder((E, out_dim, in_dim), ml_dtypes.float8_e4m3fn), axes)
+            self.scale = param(placeholder((E, *fp8_scale_shape(out_dim, in_dim)), ml_dtypes.float8_e8m0fnu), axes)
         else:
             raise ValueError(f"unknown expert weight format {fmt!r}")
 
