@@ -192,7 +192,7 @@ def _documents(args, tok, bos):
     from v4jax import data
 
     try:
-        files = data._expand(tuple(args.data))
+        files = data.expand_paths(tuple(args.data))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {str(e).replace('DataConfig.paths', '--data')}")
     fmt = args.format
@@ -207,7 +207,7 @@ def _documents(args, tok, bos):
                 docs.append(a.astype(np.int32))
                 nbytes = None
                 continue
-            texts = [data._read_text(f)] if kind == "text" else data._read_jsonl(f, args.text_field)
+            texts = [data.read_text(f)] if kind == "text" else data.read_jsonl(f, args.text_field)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         for t in texts:

@@ -160,7 +160,7 @@ def stdlib_texts(max_bytes: int) -> list[str]:
     return texts
 
 
-def _expand(paths: tuple[str, ...]) -> list[str]:
+def expand_paths(paths: tuple[str, ...]) -> list[str]:
     """Files named by `paths` (globs sorted), in order; FileNotFoundError for misses."""
     files = []
     for p in paths:
@@ -178,7 +178,7 @@ def _expand(paths: tuple[str, ...]) -> list[str]:
     return files
 
 
-def _read_text(path: str) -> str:
+def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -186,7 +186,7 @@ def _read_text(path: str) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
-def _read_jsonl(path: str, field: str) -> list[str]:
+def read_jsonl(path: str, field: str) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -260,13 +260,13 @@ def _load_tokens(files: list[str]) -> _Corpus:
 def _load_corpus(cfg: DataConfig) -> tuple[_Corpus, str]:
     if cfg.source == "stdlib":
         return _tokenize(stdlib_texts(cfg.max_bytes), cfg), f"stdlib (max_bytes={cfg.max_bytes})"
-    files = _expand(cfg.paths)
+    files = expand_paths(cfg.paths)
     desc = f"source={cfg.source!r} paths={list(cfg.paths)}"
     if cfg.source == "tokens":
         return _load_tokens(files), desc
     if cfg.source == "text":
-        return _tokenize([_read_text(f) for f in files], cfg), desc
-    return _tokenize([t for f in files for t in _read_jsonl(f, cfg.text_field)], cfg), desc
+        return _tokenize([read_text(f) for f in files], cfg), desc
+    return _tokenize([t for f in files for t in read_jsonl(f, cfg.text_field)], cfg), desc
 
 
 # ------------------------------------------------------------------------------- packing

@@ -49,7 +49,7 @@ def validate(reader: SafetensorsReader, cfg: ModelConfig) -> None:
                               f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
 
 
-def _read(reader: SafetensorsReader, name: str, target, n_experts: int) -> np.ndarray:
+def read_leaf(reader: SafetensorsReader, name: str, target, n_experts: int) -> np.ndarray:
     """Build one model leaf (abstract ``target`` with shape / dtype) from its checkpoint tensor(s)."""
     parts = []
     for tname in tensor_names(name, n_experts):
@@ -84,7 +84,7 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
         new = {}
         for kp, target in leaves:
             name = path_to_name(tuple(k.key for k in kp))
-            new[name] = jnp.asarray(_read(reader, name, target, cfg.n_routed_experts))
+            new[name] = jnp.asarray(read_leaf(reader, name, target, cfg.n_routed_experts))
             bar.update(len(tensor_names(name, cfg.n_routed_experts)))
         bar.close()
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from v4jax import quant
 from v4jax.config import ConfigError, ModelConfig, from_hf_config
-from v4jax.hf.checkpoint import _read, validate
+from v4jax.hf.checkpoint import read_leaf, validate
 from v4jax.hf.names import expected_tensors, expert_stack, path_to_name, tensor_names
 from v4jax.hf.safetensors import DTYPES, INDEX_FILE, CheckpointError, SafetensorsReader
 
@@ -384,7 +384,7 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = Fals
         flat = {}
         for name, t in tqdm(target.items(), desc="reading", unit="leaf", disable=not progress):
             if layout == "float":
-                flat[name] = _read(reader, name, t, E)
+                flat[name] = read_leaf(reader, name, t, E)
                 continue
             parts = [reader[n] for n in tensor_names(name, E)]
             a = np.stack(parts) if expert_stack(name) is not None else parts[0]
@@ -645,7 +645,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir, *, shard_size: int | 
 
 class _ReleaseView:
     """Reader-like access (``[name]``, ``in``, ``info``, ``keys``) to the released tensors of stored leaves,
-    so the HF loader's per-tensor conversion (``hf.checkpoint._read``) applies unchanged."""
+    so the HF loader's per-tensor conversion (``hf.checkpoint.read_leaf``) applies unchanged."""
 
     @dataclass(frozen=True)
     class Info:
@@ -709,7 +709,7 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
         view = _ReleaseView(op.cfg, op.leaves, op.leaf, op.path)
         validate(view, cfg)
         for name, t in tqdm(targets.items(), desc="loading", unit="leaf", disable=not progress):
-            new[name] = jnp.asarray(_read(view, name, t, cfg.n_routed_experts))
+            new[name] = jnp.asarray(read_leaf(view, name, t, cfg.n_routed_experts))
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
