@@ -35,21 +35,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the CLI runs below compile identical programs
-    (same shapes, different weight values), so later runs skip XLA compilation."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    cc.reset_cache()
-    cc.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
 def _eval_cli():
     spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")
     mod = importlib.util.module_from_spec(spec)

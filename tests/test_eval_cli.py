@@ -27,20 +27,6 @@ CFG = dict(vocab_size=2048, num_hidden_layers=2, num_nextn_predict_layers=0, com
 PAD = 64  # one padded prefill shape for the hand-computed references
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (CLI runs recompile programs of equal shapes)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    cc.reset_cache()
-    cc.set_cache_dir(str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield
-    for k, v in saved.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
