@@ -84,6 +84,18 @@ def test_fp4_expert_qat_is_straight_through():
     chex.assert_trees_all_close(g["weight"][...], jnp.full_like(w, 3.0))
 
 
+def test_fp8_weight_qat_is_straight_through():
+    from flax import nnx
+    from v4jax.model.layers import Linear, Numerics
+    lin = Linear(200, 130, numerics=Numerics("exact", fp8_weights=True), rngs=nnx.Rngs(0), qat_input=True)
+    w = lin.weight[...]
+    q, s = quant.quant_fp8(np.asarray(w))          # the export path, in numpy
+    chex.assert_trees_all_close(lin.dequantized(), jnp.asarray(quant.dequant_fp8(q, s)))
+    gd, st = nnx.split(lin)
+    g = jax.grad(lambda st: jnp.sum(nnx.merge(gd, st).dequantized() * 2.0))(st)
+    chex.assert_trees_all_close(g["weight"][...], jnp.full_like(w, 2.0))
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(TINY, ["train.stepz=3"])

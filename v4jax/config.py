@@ -377,6 +377,7 @@ class TrainConfig:
     bias_update_speed: float = 1e-3           # aux-loss-free gate-bias step (sign of the load error)
     indexer_loss_weight: float = 1.0          # lightning-indexer KL to the main attention
     fp4_expert_qat: bool = False              # fake-quantise routed-expert weights to FP4 (STE)
+    fp8_weight_qat: bool = False              # fake-quantise the release's FP8 layers' weights (STE)
     peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
     remat: bool = False                       # recompute each block in the backward pass
 

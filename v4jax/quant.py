@@ -166,3 +166,13 @@ def fake_quant_fp4(x, block: int = 32):
     amax = jnp.abs(xf).max(-1, keepdims=True)
     s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126))
     return restore(jnp.clip(xf / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32) * s)
+
+
+def straight_through(w, quantize):
+    """Forward ``quantize(w)``, backward identity (the straight-through estimator of weight QAT)."""
+    return w + jax.lax.stop_gradient(quantize(w) - w)
+
+
+def fake_quant_fp8_weight(w):
+    """A float weight ``[out, in]`` rounded to the release's 128x128 E8M0-scaled FP8 grid."""
+    return dequant_fp8(*quant_fp8(w), jnp.float32).astype(w.dtype)

@@ -89,7 +89,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     mesh = sharding.make_mesh(cfg.mesh)
     is_main = jax.process_index() == 0
 
-    model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat)
+    model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
+                        fp8_weight_qat=tcfg.fp8_weight_qat)
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     p_shard = sharding.param_shardings(params_state, mesh)
     params = jax.device_put(nnx.to_pure_dict(params_state), p_shard)

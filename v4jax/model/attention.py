@@ -51,7 +51,11 @@ class GroupedLinear(nnx.Module):
         if self.fmt == "fp8":
             w = quant.dequant_fp8(self.weight[...], self.scale[...], jnp.float32)
             return w.reshape(self.groups, self.rank, self.in_dim).astype(dtype)
-        return self.weight[...].astype(dtype)
+        w = self.weight[...]
+        if self.numerics.fp8_weights:  # QAT on the release's [G·r, in] FP8 layout
+            flat = quant.straight_through(w.reshape(-1, self.in_dim), quant.fake_quant_fp8_weight)
+            w = flat.reshape(w.shape)
+        return w.astype(dtype)
 
     def __call__(self, o):
         """o ``[..., G, H·hd/G]`` -> ``[..., G·r]``."""

@@ -25,10 +25,13 @@ from v4jax.config import MODES
 class Numerics:
     """How a forward pass computes (SPEC §5): ``exact`` | ``qat`` | ``production``.
 
-    ``fp4_experts``: training-side FP4 QAT of routed-expert weights (straight-through estimator).
+    ``fp4_experts`` / ``fp8_weights``: training-side weight QAT (straight-through estimator) of the
+    routed experts (FP4, 1x32 blocks) / of the layers the release stores in FP8 (128x128 blocks), so
+    the trained weights are exactly what an export to the released formats stores.
     """
     mode: str = "exact"
     fp4_experts: bool = False
+    fp8_weights: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -152,7 +155,10 @@ class Linear(nnx.Module):
         """The weight ``[out, in]`` as ``dtype``."""
         if self.fmt == "fp8":
             return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
-        return self.weight[...].astype(dtype)
+        w = self.weight[...]
+        if self.qat_input and self.numerics.fp8_weights:  # an FP8 layer of the release
+            w = quant.straight_through(w, quant.fake_quant_fp8_weight)
+        return w.astype(dtype)
 
     def __call__(self, x):
         if self.numerics.qat and self.qat_input:

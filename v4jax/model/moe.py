@@ -85,7 +85,7 @@ class ExpertWeight(nnx.Module):
             return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
         w = self.weight[...]
         if self.fp4_qat:  # forward sees the FP4 grid, the gradient passes straight through
-            w = w + jax.lax.stop_gradient(quant.fake_quant_fp4(w, quant.FP4_BLOCK) - w)
+            w = quant.straight_through(w, lambda v: quant.fake_quant_fp4(v, quant.FP4_BLOCK))
         return w.astype(dtype)
 
 
