@@ -217,9 +217,9 @@ def forward():
     return f
 
 
-def _check_export(cfg, params, out, seed_tables=None):
+def _check_export(cfg, params, out):
     """Every exported tensor equals the independent SPEC §4 quantisation of the float params."""
-    want = _expected_release(cfg, {**convert._flatten(params), **(seed_tables or {})})
+    want = _expected_release(cfg, convert._flatten(params))
     got = _released_values(out, cfg)
     assert got.keys() == want.keys()
     for k in want:
@@ -279,39 +279,6 @@ def test_export_without_quantization_config_writes_bf16(tmp_path):
     _check_export(cfg, params, tmp_path / "hf")
 
 
-def test_train_checkpoint_export(tmp_path):
-    """``train.py`` checkpoint -> HF: the trained fp32 params quantised per SPEC §4, the hash tables
-    saved with the train state, the tokenizer it trained with; the result loads as a model."""
-    from v4jax.checkpoint import load_train_params
-    from v4jax.config import load_config
-    from v4jax.model.moe import Buffer
-    from v4jax.tokenizer import TINY_TOKENIZER
-    from v4jax.trainer import train
-
-    work = tmp_path / "run"
-    overrides = ["train.steps=1", "data.seq_len=8", "data.global_batch=1", "data.max_bytes=20000",
-                 "model.num_hidden_layers=1", "model.compress_ratios=[4,0]", "model.hc_sinkhorn_iters=2",
-                 "model.n_routed_experts=4", "optimizer.total_steps=1", "optimizer.warmup_steps=0",
-                 "checkpoint.async_save=false"]
-    train(load_config(REPO / "configs" / "tiny.yaml", overrides), work, progress=False)  # what train.py runs
-    cfg, params, step = load_train_params(work)
-    assert step == 1
-    convert.orbax_to_hf(work / "checkpoints" / "1", tmp_path / "hf", progress=False)
-    init = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # train.seed of tiny.yaml
-    assert convert._flatten(nnx.to_pure_dict(nnx.state(init, Buffer)))  # it has hash-routed layers
-    tables = {k: np.asarray(v) for k, v in convert._flatten(nnx.to_pure_dict(
-        nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), Buffer))).items()}
-    saved = convert._flatten(params)
-    for name, table in tables.items():  # the checkpoint carries the tables the model was built with
-        np.testing.assert_array_equal(np.asarray(saved[name]), table)
-    _check_export(cfg, params, tmp_path / "hf", seed_tables=tables)
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == open(TINY_TOKENIZER, "rb").read()
-    model = load_model(tmp_path / "hf", progress=False)
-    assert model.cfg == cfg
-    convert.orbax_to_hf(work, tmp_path / "hf2", progress=False)  # the workdir itself is accepted too
-    _assert_same_tensors(tmp_path / "hf2", _read_all(tmp_path / "hf"))
-
-
 @pytest.mark.slow
 def test_trained_model_export_reproduces_its_logits(tmp_path):
     """Issue criterion: a tiny model trained by train.py (with the preset's FP8 / FP4 weight QAT),
@@ -321,6 +288,7 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
     tolerance is the trained model's own bf16 one: its production-mode logits against fp32 ones."""
     from v4jax.checkpoint import load_train_params
     from v4jax.config import load_config
+    from v4jax.tokenizer import TINY_TOKENIZER
     from v4jax.trainer import train
 
     work = tmp_path / "run"
@@ -338,7 +306,11 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
         nnx.update(m, state)
         return m
 
-    convert.orbax_to_hf(work, tmp_path / "hf", progress=False)
+    convert.orbax_to_hf(work / "checkpoints" / "4", tmp_path / "hf", progress=False)
+    _check_export(cfg, params, tmp_path / "hf")     # quantised per SPEC §4, tid2eid from the train state
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == open(TINY_TOKENIZER, "rb").read()
+    convert.orbax_to_hf(work, tmp_path / "hf2", progress=False)  # the workdir itself is accepted too
+    _assert_same_tensors(tmp_path / "hf2", _read_all(tmp_path / "hf"))
     tokens = jax.random.randint(jax.random.key(0), (2, 48), 0, cfg.vocab_size)
     forward = nnx.jit(lambda m, t: m(t)[0])
     exact = np.asarray(forward(trained("exact"), tokens), np.float64)
