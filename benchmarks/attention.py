@@ -1,4 +1,4 @@
-"""Benchmark the V4 attention kernels (CSA / HCA / window) against the plain-JAX references.
+"""Benchmark the V4 attention kernels (CSA / HCA / window, lightning indexer) against the plain-JAX references.
 
 V4-Flash shapes: H=64 query heads, one KV head, D=512, window 128, CSA top-k 512 over ratio-4
 entries, HCA ratio 128, bfloat16. Rows: prefill at S = 4K, 16K, 64K (forward and backward),
@@ -11,6 +11,11 @@ time achieves, the XLA reference time and the kernel speed-up. Backward = (forwa
 forward, timed the same way for kernel and reference. FLOPs count only the keys a query really
 attends to (4*D per query-head-key forward, 2.5x that backward); minimal bytes count every
 input read once and every output written once.
+
+Kind ``indexer``: top-k selection (``indexer_topk``, IH=64 heads of ID=128, top-k 512 over the
+ratio-4 entries; forward only: indices have no gradient) against the chunked XLA reference
+(``backend="xla"``, what ``attention_impl: xla`` runs). FLOPs: 2*ID*IH per query and visible
+entry; bytes: q, w, the keys and the indices.
 
 Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
         python benchmarks/attention.py --smoke    # tiny shapes, Pallas interpret mode, any CPU
@@ -148,6 +153,33 @@ def _decode_case(kind, cfg, B, ctx, key):
     return (q, kv, ckv, sink), kernel, xla
 
 
+def _indexer_case(cfg, B, S, q_start, N, key):
+    """Indexer top-k for S queries at q_start over N entries: (inputs, make(**extra) -> fn, FLOPs, bytes)."""
+    IH, ID = cfg["index_heads"], cfg["index_dim"]
+    k1, k2, k3 = jax.random.split(key, 3)
+    q = jax.random.normal(k1, (B, S, IH, ID), jnp.bfloat16)
+    w = jax.random.normal(k2, (B, S, IH), jnp.float32)
+    k = jax.random.normal(k3, (B, N, ID), jnp.bfloat16)
+    visible = np.minimum((q_start + np.arange(S, dtype=np.int64) + 1) // CSA_RATIO, N).sum()
+    flops = 2 * ID * IH * B * int(visible)
+    nbytes = q.size * 2 + w.size * 4 + k.size * 2 + B * S * cfg["topk"] * 4
+
+    def make(**extra):
+        return jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, cfg["topk"], q_start=q_start, **extra))
+    return (q, w, k), make, flops, nbytes
+
+
+def _indexer_rows(cfg, prefill, decode, extra, reps, no_reference, peak_f, peak_b, key):
+    cases = [(f"prefill S={S}", 1, S, 0, S // CSA_RATIO) for S in prefill]
+    cases += [(f"decode B={B} ctx={c}", B, 1, c - 1, c // CSA_RATIO) for B, c in decode]
+    for label, B, S, q_start, N in cases:
+        inputs, make, flops, nbytes = _indexer_case(cfg, B, S, q_start, N, key)
+        t_k, e1 = _try(make(**extra), *inputs, reps=reps)
+        t_x, e2 = (None, "reference skipped") if no_reference else _try(
+            make(backend="xla"), *inputs, reps=reps)
+        _row("index", label, "fwd", t_k, t_x, flops, nbytes, peak_f, peak_b, e1 or e2)
+
+
 def _fwd_bwd_fns(f):
     fwd = jax.jit(f)
 
@@ -180,7 +212,7 @@ def _row(kind, label, pazz, t_k, t_x, flops, nbytes, peak_flops, peak_bw, note):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in Pallas interpret mode (CPU)")
-    ap.add_argument("--kinds", default="csa,hca,window")
+    ap.add_argument("--kinds", default="csa,hca,window,indexer")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, smoke 2)")
     ap.add_argument("--backend", default=None, help="triton | mosaic (default: by jax.default_backend())")
     ap.add_argument("--no-reference", action="store_true", help="skip the XLA reference timings")
@@ -189,11 +221,11 @@ def main():
     args = ap.parse_args()
 
     if args.smoke:
-        cfg = dict(heads=4, dim=64, window=16, topk=16, ratio=8)
+        cfg = dict(heads=4, dim=64, window=16, topk=16, ratio=8, index_heads=4, index_dim=32)
         prefill, decode = [64, 96], [(1, 256), (2, 512)]
         extra, reps = dict(interpret=True, backend=args.backend or "triton"), args.reps or 2
     else:
-        cfg = dict(heads=64, dim=512, window=128, topk=512, ratio=128)
+        cfg = dict(heads=64, dim=512, window=128, topk=512, ratio=128, index_heads=64, index_dim=128)
         prefill = [4096, 16384, 65536]
         decode = [(b, c) for b in (1, 8, 64) for c in (16384, 131072, 1 << 20)]
         extra, reps = dict(backend=args.backend), args.reps or 10
@@ -207,6 +239,9 @@ def main():
           f"{'%memory':>8} {'XLA ms':>10} {'speedup':>8}")
     key = jax.random.PRNGKey(0)
     for kind in args.kinds.split(","):
+        if kind == "indexer":
+            _indexer_rows(cfg, prefill, decode, extra, reps, args.no_reference, peak_f, peak_b, key)
+            continue
         for S in prefill:
             inputs, make = _prefill_case(kind, cfg, S, key)
             f_fwd, f_bwd = _fwd_bwd_fns(make(pk, **extra))

@@ -104,3 +104,33 @@ def decode_attention(q, keys, valid, sink, *, scale: float):
     denom = p.sum(-1) + jnp.exp(sink[None, :] - m)
     o = jnp.einsum("bhk,bkd->bhd", p, keys.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (o / denom[..., None]).astype(q.dtype)
+
+
+def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0):
+    """Lightning-indexer scores ``[B, S, N]`` float32, -inf where ``j >= (t + 1) // ratio``.
+
+    q [B, S, IH, ID] indexer queries, w [B, S, IH] head weights, k [B, N, ID] compressed indexer
+    keys: ``score[t, j] = Σ_h w[t, h] · relu(q[t, h] · k[j])``.
+    """
+    S, N = q.shape[1], k.shape[1]
+    qk = jnp.einsum("bshd,bnd->bshn", q, k, precision=_precision(jnp.result_type(q, k)),
+                    preferred_element_type=jnp.float32)
+    sc = jnp.einsum("bsh,bshn->bsn", w.astype(jnp.float32), jax.nn.relu(qk),
+                    precision=jax.lax.Precision.HIGHEST)
+    t = q_start + jnp.arange(S)
+    valid = jnp.arange(N)[None, :] < ((t + 1) // ratio)[:, None]
+    return jnp.where(valid[None], sc, _NEG)
+
+
+def topk_indices(scores, k: int):
+    """scores ``[..., N]`` (-inf = not allowed) -> int32 ``[..., k]`` indices, -1 where not allowed."""
+    n = scores.shape[-1]
+    if n < k:
+        scores = jnp.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(0, k - n)], constant_values=_NEG)
+    vals, idx = jax.lax.top_k(scores, k)
+    return jnp.where(jnp.isneginf(vals), -1, idx).astype(jnp.int32)
+
+
+def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0):
+    """The ``topk`` highest-scoring allowed entries per query, int32 ``[B, S, topk]`` (-1 = none)."""
+    return topk_indices(indexer_scores(q, w, k, ratio=ratio, q_start=q_start), topk)

@@ -21,7 +21,7 @@ from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.cache import AttnCache, ring_from_sequence, ring_positions
 from v4jax.model.compressor import Compressor
-from v4jax.model.indexer import Indexer, topk_indices
+from v4jax.model.indexer import Indexer
 from v4jax.model.layers import (Linear, Numerics, RMSNorm, WeightLayout, init_normal, placeholder,
                                 fp8_scale_shape, param, rms_norm)
 from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
@@ -152,13 +152,13 @@ class Attention(nnx.Module):
                 qi, w = self.indexer.queries(xi, qri, pos)
                 if train:
                     scores = self.indexer.scores(qi, w, ikeys, pos)
-                    topk = topk_indices(jax.lax.stop_gradient(scores), self.indexer.topk)
+                    topk = reference.topk_indices(jax.lax.stop_gradient(scores), self.indexer.topk)
                     aux["indexer_kl"] = indexer_kl(scores, q, ckv, scale)
                 else:
                     topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
                 if max_len is not None:
-                    cache["ikv"] = _fill(ikeys.astype(x.dtype), max_len // 4)
+                    cache["ikv"] = _fill(ikeys, max_len // 4)
                     cache["icomp_k"], cache["icomp_s"] = self.indexer.compressor.state_from_prefill(ik, is_)
             else:
                 o = fns.compressed_attention(q, kv, ckv, sink, window=self.window, ratio=self.ratio,
@@ -196,7 +196,7 @@ class Attention(nnx.Module):
                 ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
                 ikv = _write_entry(cache.ikv, self.indexer.keys(ientry), done, t, 4)
                 qi, w = self.indexer.queries(x, qr, pos)
-                idx = topk_indices(self.indexer.scores(qi, w, ikv.astype(jnp.float32), pos), self.indexer.topk)
+                idx = self.indexer.select(qi, w, ikv, pos)
                 new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
         o = self._decode_attention(q, win_kv, ckv, idx, t)
         return self._output(o, pos), cache.replace(**new)
