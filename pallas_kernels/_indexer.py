@@ -11,8 +11,10 @@ formed transposed, ``sT = k @ q_h^T : [bk, bq]``, so ``w[h]`` is a ``[1, bq]`` r
 over keys (on TPU a lane vector, no relayout), and the tile is transposed once when stored.
 Tiles past every query's causal limit store -inf without touching the MXU / tensor cores.
 
-Tiles (not timed, no accelerator was available): GPU ``bq = bk = 64`` (``bq`` shrinks to 16 for
-decode), 4 warps; TPU ``bq = bk = 128`` with the head dim padded to a multiple of 128.
+Tiles (not timed, no accelerator was available): GPU ``bq = bk = 64`` for bfloat16, 32 for float32
+(``bq`` shrinks to 16 for decode), 4 warps: at ID=128 these compile for sm_90 without register
+spills (checked offline, ``tests/pallas_kernels/test_triton_sm90_compile.py``); TPU
+``bq = bk = 128`` with the head dim padded to a multiple of 128.
 """
 from __future__ import annotations
 
@@ -33,10 +35,12 @@ class Tiles:
     Dp: int   # head width, padded (zeros)
 
 
-def choose_tiles(backend: str, S: int, H: int, D: int) -> Tiles:
+def choose_tiles(backend: str, S: int, H: int, D: int, dtype) -> Tiles:
     if backend == "mosaic":
         return Tiles(bq=128, bk=128, Hp=H, Dp=pl.cdiv(D, 128) * 128)
-    return Tiles(bq=min(64, max(16, pl.next_power_of_2(S))), bk=64, Hp=pl.next_power_of_2(H),
+    # float32 products run on FMA units (IEEE precision): 64x64 tiles spill registers at ID=128
+    edge = 64 if dtype == jnp.bfloat16 else 32
+    return Tiles(bq=min(edge, max(16, pl.next_power_of_2(S))), bk=edge, Hp=pl.next_power_of_2(H),
                  Dp=max(16, pl.next_power_of_2(D)))
 
 
@@ -87,7 +91,7 @@ def scores(q, w, k, q_start, *, ratio: int, backend: str, interpret: bool):
     B, S, H, D = q.shape
     N = k.shape[1]
     mosaic = backend == "mosaic"
-    tiles = choose_tiles(backend, S, H, D)
+    tiles = choose_tiles(backend, S, H, D, q.dtype)
     Sp, Np = pl.cdiv(S, tiles.bq) * tiles.bq, pl.cdiv(N, tiles.bk) * tiles.bk
     qT = _pad_to(jnp.swapaxes(q, 1, 2), (B, tiles.Hp, Sp, tiles.Dp))
     wT = _pad_to(jnp.swapaxes(w.astype(jnp.float32), 1, 2)[:, :, None, :], (B, tiles.Hp, 1, Sp))

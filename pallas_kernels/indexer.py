@@ -83,7 +83,7 @@ def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0, chunk: int | 
     if backend == "xla":
         step, row_bytes = 1, 4 * B * H * N
     else:
-        step, row_bytes = _indexer.choose_tiles(backend, S, H, D).bq, 4 * B * (pl.cdiv(N, 128) * 128)
+        step, row_bytes = _indexer.choose_tiles(backend, S, H, D, dt).bq, 4 * B * (pl.cdiv(N, 128) * 128)
     if chunk is None:
         chunk = max(step, CHUNK_BYTES // row_bytes // step * step)
     if chunk < 1:

@@ -92,3 +92,28 @@ def test_compiles_for_sm90_without_spills(H, D, mode, decode, tmp_path):
         assert match, usage
         assert int(match.group(2)) == 0, f"{name}: register spills ({match.group(0)})"
         assert kernel.metadata.shared <= 227 * 1024, f"{name}: shared memory {kernel.metadata.shared}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("S", [4096, 1], ids=["prefill", "decode"])
+def test_indexer_compiles_for_sm90_without_spills(S, dtype, tmp_path):
+    from triton.backends.compiler import GPUTarget
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, S, 64, 128), dtype), sd((1, S, 64), jnp.float32), sd((1, 16384, 128), dtype))
+    with _capture_triton_ir() as modules:
+        jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, 512, q_start=65535 if S == 1 else 0,
+                                                backend="triton")).trace(*args).lower(lowering_platforms=("cuda",))
+    assert len(modules) == 1
+    name, asm = modules[0]
+    path = tmp_path / f"{name}.ttir"
+    path.write_text(asm)
+    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
+    (tmp_path / "k.cubin").write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(tmp_path / "k.cubin")],
+                           capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert match, usage
+    print(f"indexer S={S} {jnp.dtype(dtype).name}: {match.group(0)} shared={kernel.metadata.shared}")
+    assert int(match.group(2)) == 0, f"{name}: register spills ({match.group(0)})"
+    assert kernel.metadata.shared <= 227 * 1024
