@@ -29,7 +29,8 @@ def _load_model(args):
     if (args.checkpoint is None) == (args.config is None):
         raise SystemExit("error: give exactly one of --checkpoint DIR or --config PRESET.yaml")
     return load_any(args.checkpoint, args.config, mode=args.mode, layout=args.layout,
-                    attention_impl=args.attention_impl, seed=args.seed, progress=not args.quiet)
+                    attention_impl=args.attention_impl, moe_impl=args.moe_impl, seed=args.seed,
+                    progress=not args.quiet)
 
 
 def _tokenizer(args, cfg):
@@ -304,6 +305,8 @@ def _model_flags(p, *, layout_default="float"):
                    help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
     p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
                    help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
+    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
+                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -385,6 +388,8 @@ def main(argv=None):
                    help="float: dequantise weights to fp32; released: keep FP8/FP4 and dequantise on use")
     p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
                    help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
+    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
+                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--batch", type=int, default=2, help="rows of random tokens when --tokens is not given")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")

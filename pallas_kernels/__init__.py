@@ -1,9 +1,10 @@
-"""Pallas kernels for DeepSeek-V4 attention (CSA / HCA / window) and the lightning indexer, with
-plain-JAX references in ``reference``."""
+"""Pallas kernels for DeepSeek-V4 attention (CSA / HCA / window), the lightning indexer and the
+experts' grouped matmul, with plain-JAX references in ``reference``."""
 from pallas_kernels import reference  # noqa: F401
 from pallas_kernels.compressed_attention import compressed_attention, window_attention  # noqa: F401
+from pallas_kernels.grouped_matmul import grouped_matmul  # noqa: F401
 from pallas_kernels.indexer import indexer_scores, indexer_topk  # noqa: F401
 from pallas_kernels.sparse_attention import sparse_attention  # noqa: F401
 
 __all__ = ["reference", "sparse_attention", "compressed_attention", "window_attention",
-           "indexer_scores", "indexer_topk"]
+           "indexer_scores", "indexer_topk", "grouped_matmul"]

@@ -1,4 +1,5 @@
-"""Plain-JAX definitions of the V4 attention primitives (the executable spec for the kernels).
+"""Plain-JAX definitions of the V4 attention primitives and the experts' grouped matmul (the
+executable spec for the kernels).
 
 All functions share one key/value stream per batch row (MQA: one KV head of width D used as both
 key and value) and a per-head attention sink that adds ``exp(sink[h])`` to the softmax denominator
@@ -134,3 +135,11 @@ def topk_indices(scores, k: int):
 def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0):
     """The ``topk`` highest-scoring allowed entries per query, int32 ``[B, S, topk]`` (-1 = none)."""
     return topk_indices(indexer_scores(q, w, k, ratio=ratio, q_start=q_start), topk)
+
+
+def grouped_matmul(x, w, group_sizes):
+    """``out[m] = x[m] @ w[g(m)]ᵀ`` float32 ``[M, N]``: rows sorted by group, ``w [E, N, K]``,
+    ``group_sizes [E]`` rows per group (rows past their sum give zeros)."""
+    dt = jnp.result_type(x, w)
+    return jax.lax.ragged_dot(x.astype(dt), jnp.swapaxes(w, 1, 2).astype(dt), group_sizes.astype(jnp.int32),
+                              precision=_precision(dt), preferred_element_type=jnp.float32)

@@ -82,6 +82,11 @@ def test_overrides_and_unknown_yaml_keys(tmp_path):
         load_model_config(REPO / "configs" / "tiny.yaml", ["model.sliding_windw=64"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         apply_overrides({}, ["model.sliding_window"])
+    with pytest.raises(ConfigError, match=r"model.moe_impl: must be one of \['xla', 'pallas'\], got 'triton'"):
+        load_model_config(REPO / "configs" / "tiny.yaml", ["model.moe_impl=triton"])
+    small = load_model_config(REPO / "configs" / "small.yaml", ["model.moe_impl=xla"])
+    assert (small.attention_impl, small.moe_impl) == ("pallas", "xla")
+    assert "moe_impl" not in small.to_hf_dict()
 
 
 def test_to_hf_dict_round_trips():

@@ -1,7 +1,7 @@
 """Golden parity through the public entry points: ``eval.py logits`` + ``../shared/golden/compare.py``.
 
-exact: compare.py must pass (prefill, decode, MTP), with the plain-JAX attention and with the Pallas
-kernels (interpret mode) on the released FP8/FP4 layout.
+exact: compare.py must pass (prefill, decode, MTP), with the plain-JAX attention and experts and with
+the Pallas kernels (attention and grouped matmul, interpret mode) on the released FP8/FP4 layout.
 
 qat: the QAT forward rounds activations to FP8/FP4 grids, so an element whose value lies within
 float32 noise (~4e-7 relative) of a rounding midpoint can round differently here and in the

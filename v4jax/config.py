@@ -116,6 +116,7 @@ class ModelConfig:
     quantization_config: QuantizationConfig | None = None
     # --- not in config.json: how v4jax runs the model
     attention_impl: Literal["xla", "pallas"] = "xla"
+    moe_impl: Literal["xla", "pallas"] = "xla"  # routed experts: ragged_dot or the grouped-matmul kernel
 
     def __post_init__(self):
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -157,6 +158,7 @@ class ModelConfig:
                f"expert_dtype must be fp4, fp8, bf16 or absent, got {self.expert_dtype!r}")
         _check(self.attention_impl in ("xla", "pallas"),
                f"attention_impl must be 'xla' or 'pallas', got {self.attention_impl!r}")
+        _check(self.moe_impl in ("xla", "pallas"), f"moe_impl must be 'xla' or 'pallas', got {self.moe_impl!r}")
         if self.quantization_config is not None and self.expert_dtype == "fp4":
             _check(self.moe_intermediate_size % 32 == 0 and self.hidden_size % 32 == 0,
                    "FP4 experts need hidden_size and moe_intermediate_size to be multiples of 32")
@@ -173,6 +175,7 @@ class ModelConfig:
         """The ``config.json`` form (drops v4jax-only fields)."""
         d = dataclasses.asdict(self)
         d.pop("attention_impl")
+        d.pop("moe_impl")
         d["compress_ratios"] = list(self.compress_ratios)
         if self.quantization_config is not None:
             d["quantization_config"]["weight_block_size"] = list(self.quantization_config.weight_block_size)
@@ -282,7 +285,7 @@ def from_hf_config(path_or_dict: str | Path | dict, **overrides) -> ModelConfig:
         src = str(p)
     if data.get("model_type", "deepseek_v4") != "deepseek_v4":
         raise ConfigError(f"{src}: model_type is {data['model_type']!r}, expected 'deepseek_v4'")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"attention_impl"}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"attention_impl", "moe_impl"}
     unknown = sorted(set(data) - known - _HF_IGNORED)
     if unknown:
         log.warning("%s: ignoring config.json keys v4jax does not use: %s", src, unknown)

@@ -25,7 +25,8 @@ from v4jax.generate import Engine, cache_bytes, generate
 # ------------------------------------------------------------------------------------------- loading
 
 def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str = "float",
-             attention_impl: str | None = None, seed: int = 0, progress: bool = True):
+             attention_impl: str | None = None, moe_impl: str | None = None, seed: int = 0,
+             progress: bool = True):
     """A model from an HF checkpoint directory, an orbax-form directory (it has ``v4jax.json``), or a
     YAML preset (``config``: random initialisation with ``seed``). Exactly one source must be given."""
     from pathlib import Path
@@ -39,8 +40,10 @@ def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str =
         raise ValueError("give exactly one of a checkpoint directory or a config preset")
     if checkpoint is not None:
         load = load_orbax_model if is_orbax_dir(Path(checkpoint)) else load_model
-        return load(checkpoint, mode=mode, layout=layout, attention_impl=attention_impl, progress=progress)
-    overrides = [] if attention_impl is None else [f"model.attention_impl={attention_impl}"]
+        return load(checkpoint, mode=mode, layout=layout, attention_impl=attention_impl, moe_impl=moe_impl,
+                    progress=progress)
+    overrides = [f"model.{k}={v}" for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl))
+                 if v is not None]
     cfg = load_model_config(config, overrides)
     return Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed))
 

@@ -94,26 +94,51 @@ def test_compiles_for_sm90_without_spills(H, D, mode, decode, tmp_path):
         assert kernel.metadata.shared <= 227 * 1024, f"{name}: shared memory {kernel.metadata.shared}"
 
 
+def _compile_sm90(name, asm, tmp_path, *, num_warps, num_stages):
+    """Compile one Triton IR module for sm_90; return (registers, stack bytes, shared bytes)."""
+    from triton.backends.compiler import GPUTarget
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    path = tmp_path / f"{name}.ttir"
+    path.write_text(asm)
+    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    (tmp_path / f"{name}.cubin").write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(tmp_path / f"{name}.cubin")],
+                           capture_output=True, text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    assert match, usage
+    return int(match.group(1)), int(match.group(2)), kernel.metadata.shared
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("S", [4096, 1], ids=["prefill", "decode"])
 def test_indexer_compiles_for_sm90_without_spills(S, dtype, tmp_path):
-    from triton.backends.compiler import GPUTarget
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     sd = jax.ShapeDtypeStruct
     args = (sd((1, S, 64, 128), dtype), sd((1, S, 64), jnp.float32), sd((1, 16384, 128), dtype))
     with _capture_triton_ir() as modules:
         jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, 512, q_start=65535 if S == 1 else 0,
                                                 backend="triton")).trace(*args).lower(lowering_platforms=("cuda",))
     assert len(modules) == 1
-    name, asm = modules[0]
-    path = tmp_path / f"{name}.ttir"
-    path.write_text(asm)
-    kernel = triton.compile(str(path), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    (tmp_path / "k.cubin").write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(tmp_path / "k.cubin")],
-                           capture_output=True, text=True, check=True).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    assert match, usage
-    print(f"indexer S={S} {jnp.dtype(dtype).name}: {match.group(0)} shared={kernel.metadata.shared}")
-    assert int(match.group(2)) == 0, f"{name}: register spills ({match.group(0)})"
-    assert kernel.metadata.shared <= 227 * 1024
+    regs, stack, shared = _compile_sm90(*modules[0], tmp_path, num_warps=4, num_stages=2)
+    print(f"indexer S={S} {jnp.dtype(dtype).name}: REG:{regs} STACK:{stack} shared={shared}")
+    assert stack == 0, f"indexer: register spills (REG:{regs} STACK:{stack})"
+    assert shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("M", [4096 * 6, 6], ids=["prefill", "decode"])
+def test_grouped_matmul_compiles_for_sm90_without_spills(M, dtype, tmp_path):
+    """Forward, dx and dw kernels at V4-Flash expert shapes (hidden 4096, width 2048, 256 experts)."""
+    from pallas_kernels.grouped_matmul import grouped_matmul
+
+    sd = jax.ShapeDtypeStruct
+    args = (sd((M, 4096), dtype), sd((256, 2048, 4096), dtype), sd((256,), jnp.int32))
+    loss = lambda x, w, s: jnp.sum(grouped_matmul(x, w, s, backend="triton"))
+    with _capture_triton_ir() as modules:
+        jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
+    assert len(modules) == 3
+    for name, asm in modules:
+        regs, stack, shared = _compile_sm90(name, asm, tmp_path, num_warps=4, num_stages=3)
+        print(f"{name} M={M} {jnp.dtype(dtype).name}: REG:{regs} STACK:{stack} shared={shared}")
+        assert stack == 0, f"{name}: register spills (REG:{regs} STACK:{stack})"
+        assert shared <= 227 * 1024

@@ -93,16 +93,18 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
 
 
 def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "float",
-               dtype=jnp.float32, attention_impl: str | None = None, progress: bool = True) -> Transformer:
+               dtype=jnp.float32, attention_impl: str | None = None, moe_impl: str | None = None,
+               progress: bool = True) -> Transformer:
     """Build a ``Transformer`` for the checkpoint at ``path`` and load its weights.
 
     ``layout="float"``: dequantise every weight to ``dtype``; ``layout="released"``: keep the release's
-    FP8 / FP4 / BF16 tensors and dequantise on use. ``attention_impl`` overrides ``xla`` / ``pallas``.
+    FP8 / FP4 / BF16 tensors and dequantise on use. ``attention_impl`` / ``moe_impl`` override the
+    config's ``xla`` / ``pallas`` choice.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint directory does not exist: {path}")
-    overrides = {} if attention_impl is None else {"attention_impl": attention_impl}
+    overrides = {k: v for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl)) if v is not None}
     cfg = from_hf_config(path, **overrides)
     if layout == "float":
         wl = WeightLayout.float(dtype)

@@ -681,7 +681,7 @@ class _ReleaseView:
 
 
 def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=jnp.float32,
-                     attention_impl: str | None = None, progress: bool = True):
+                     attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True):
     """A ``Transformer`` from an orbax-form directory, in the requested ``layout``.
 
     Same layout as stored: leaves are restored and cast (``tid2eid`` to int32). Otherwise each
@@ -692,7 +692,8 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
     from v4jax.model.layers import WeightLayout
     from v4jax.model.transformer import Transformer
     op = open_orbax(path)
-    cfg = op.cfg if attention_impl is None else from_hf_config(op.path, attention_impl=attention_impl)
+    overrides = {k: v for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl)) if v is not None}
+    cfg = from_hf_config(op.path, **overrides) if overrides else op.cfg
     if layout not in ("float", "released"):
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
     wl = WeightLayout.float(dtype) if layout == "float" else WeightLayout.released(cfg)

@@ -5,8 +5,9 @@ chooses); hash layers take ``tid2eid[token]``. Weights are ``g[experts]`` normal
 ``routed_scaling_factor``. Expert: ``h = silu(min(w1 x, L)) · clip(w3 x, ±L) · weight``, ``out = w2 h``;
 plus the shared expert (weight 1).
 
-Routed experts run as a grouped matmul over token-expert pairs sorted by expert
-(``jax.lax.ragged_dot``); weights live stacked as ``[E, out, in]``.
+Routed experts run as a grouped matmul over token-expert pairs sorted by expert: ``jax.lax.ragged_dot``
+(``moe_impl: xla``) or the Pallas kernel ``pallas_kernels.grouped_matmul`` (``moe_impl: pallas``; GPU,
+interpret mode on CPU). Weights live stacked as ``[E, out, in]``.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_dtypes
 from flax import nnx
 
+import pallas_kernels
 from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.layers import (Linear, Numerics, WeightLayout, init_normal, placeholder, dot_f32,
@@ -92,7 +94,7 @@ class ExpertWeight(nnx.Module):
 class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, numerics: Numerics, layout: WeightLayout, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.numerics, self.limit = numerics, cfg.swiglu_limit
+        self.numerics, self.limit, self.impl = numerics, cfg.swiglu_limit, cfg.moe_impl
         kw = dict(fmt=layout.experts, dtype=layout.dtype, rngs=rngs, fp4_qat=numerics.fp4_experts)
         self.w1 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
         self.w2 = ExpertWeight(E, D, I, axes=("experts", "embed", "mlp"), **kw)
@@ -110,7 +112,10 @@ class Experts(nnx.Module):
         xs = jnp.take(x, order // k, axis=0)
         sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
 
-        def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group
+        def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group, float32
+            if self.impl == "pallas":
+                return pallas_kernels.grouped_matmul(lhs, wt.dequantized(dt), sizes,
+                                                     interpret=jax.default_backend() == "cpu")
             return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt.dequantized(dt), 1, 2), sizes, precision=prec,
                                       preferred_element_type=jnp.float32)
 

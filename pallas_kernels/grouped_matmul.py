@@ -1,0 +1,146 @@
+"""Grouped matmul of the routed experts as a Pallas kernel (GPU), differentiable.
+
+``grouped_matmul(x, w, group_sizes)`` computes ``out[m] = x[m] @ w[g(m)]ᵀ`` for rows sorted by
+group (the first ``group_sizes[0]`` rows use ``w[0]``, the next ``group_sizes[1]`` use ``w[1]``,
+...; rows past ``sum(group_sizes)`` give zeros): ``jax.lax.ragged_dot`` with the expert weights
+in their stored ``[E, out, in]`` layout. XLA's GPU lowering of ``ragged_dot`` is not a grouped
+GEMM (it allocates per-group dense products: ~96 GiB at V4-Flash expert shapes), hence this kernel.
+
+Rows are scattered into *tile layout* (each group starts on a multiple of ``bm`` rows, zero rows
+fill the gap), so every ``bm``-row tile belongs to one group and the kernels in ``_gmm.py`` need
+no row masks. The layout costs at most ``min(E, M)`` extra tiles and two row gathers (x in,
+output back). Backward: ``dx`` is the same kernel against ``w`` untransposed, ``dw`` a kernel that
+sums each group's tiles; the cotangent is cast to x's dtype for both (tensor-core inputs).
+
+Backends: ``triton`` (GPU; ``interpret=True`` runs it anywhere), ``xla`` (``reference.
+grouped_matmul``: ``ragged_dot``, which XLA lowers natively on TPU). There is no Mosaic (TPU)
+kernel: ``backend="mosaic"`` is an error that says so.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _core, _gmm, reference
+
+
+class Layout(NamedTuple):
+    """Tile layout of M sorted rows: see the module docstring."""
+    dest: jax.Array        # int32 [M]: row of each input row in the tiled buffer (n_tiles*bm = dropped)
+    tile_group: jax.Array  # int32 [n_tiles]: group of each tile, -1 = unused
+    tile_start: jax.Array  # int32 [E]: first tile of each group
+    tile_count: jax.Array  # int32 [E]: tiles of each group
+    bm: int
+    n_tiles: int
+
+
+def row_tile(M: int, E: int) -> int:
+    """Rows per tile: the mean rows per group as a power of two, within 16 ... 128."""
+    return int(min(128, max(16, pl.next_power_of_2(pl.cdiv(M, E)))))
+
+
+def tile_layout(group_sizes, M: int, bm: int) -> Layout:
+    E = group_sizes.shape[0]
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    tiles = (sizes + bm - 1) // bm
+    tile_end = jnp.cumsum(tiles)
+    tile_start = tile_end - tiles
+    # every group with rows wastes < 1 tile: sum(tiles) <= ceil(M / bm) + min(E, M)
+    n_tiles = pl.cdiv(M, bm) + min(E, M)
+    tg = jnp.searchsorted(tile_end, jnp.arange(n_tiles, dtype=jnp.int32), side="right")
+    tile_group = jnp.where(tg < E, tg, -1).astype(jnp.int32)
+    rows = jnp.arange(M, dtype=jnp.int32)
+    g = jnp.searchsorted(ends, rows, side="right")
+    gc = jnp.minimum(g, E - 1)
+    dest = jnp.where(g < E, tile_start[gc] * bm + rows - starts[gc], n_tiles * bm)
+    return Layout(dest.astype(jnp.int32), tile_group, tile_start.astype(jnp.int32),
+                  jnp.minimum(tiles, n_tiles).astype(jnp.int32), bm, n_tiles)
+
+
+class _Static(NamedTuple):
+    bm: int
+    out_dtype: str
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled(static: _Static, xt, w, tile_group, tile_start, tile_count):
+    return _gmm.gmm(xt, w, tile_group, bm=static.bm, transpose_w=True,
+                    out_dtype=jnp.dtype(static.out_dtype), interpret=static.interpret)
+
+
+def _tiled_fwd(static, xt, w, tile_group, tile_start, tile_count):
+    return _tiled(static, xt, w, tile_group, tile_start, tile_count), (xt, w, tile_group, tile_start,
+                                                                          tile_count)
+
+
+def _tiled_bwd(static, res, dout):
+    xt, w, tile_group, tile_start, tile_count = res
+    g = dout.astype(xt.dtype)
+    dx = _gmm.gmm(g, w, tile_group, bm=static.bm, transpose_w=False, out_dtype=xt.dtype,
+                  interpret=static.interpret)
+    dw = _gmm.tgmm(g, xt, tile_start, tile_count, bm=static.bm, out_dtype=w.dtype,
+                   interpret=static.interpret)
+    return dx, dw, None, None, None
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+def _padded_dim(n: int, edge: int) -> int:
+    return max(16, pl.next_power_of_2(n)) if n <= edge else pl.cdiv(n, edge) * edge
+
+
+def _pad(x, shape):
+    pads = [(0, n - s) for s, n in zip(x.shape, shape)]
+    return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
+
+
+def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool = False,
+                   backend: str | None = None):
+    """``out[m] = x[m] @ w[g(m)]ᵀ``, float32 accumulation, ``[M, N]`` in ``out_dtype``.
+
+    Args:
+      x: [M, K] float32 | bfloat16, rows sorted by group.
+      w: [E, N, K] (the experts' stored ``[E, out, in]`` layout); x and w of mixed dtypes compute
+        in the promoted one. float32 runs at full precision, bfloat16 on tensor cores.
+      group_sizes: int [E], rows per group (may be traced); sum <= M.
+      interpret: run the Pallas kernel in interpret mode (CPU tests).
+      backend: "triton" | "xla" | None (by platform). "xla" is ``reference.grouped_matmul``.
+    Differentiable in x and w.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [M, K], got shape {x.shape}")
+    M, K = x.shape
+    if w.ndim != 3 or w.shape[2] != K:
+        raise ValueError(f"w must be [E, N, K={K}], got shape {w.shape}")
+    E, N = w.shape[:2]
+    if group_sizes.shape != (E,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be an integer array [E={E}], got {group_sizes.dtype} "
+                         f"{group_sizes.shape}")
+    for name, a in (("x", x), ("w", w)):
+        if a.dtype not in (jnp.float32, jnp.bfloat16):
+            raise ValueError(f"{name} dtype must be float32 or bfloat16, got {a.dtype}")
+    backend = _core.resolve_backend(backend, interpret)
+    if backend == "xla":
+        return reference.grouped_matmul(x, w, group_sizes).astype(out_dtype)
+    if backend == "mosaic":
+        raise ValueError("grouped_matmul has no TPU (Mosaic) kernel; use backend='xla' "
+                         "(jax.lax.ragged_dot, which XLA lowers natively on TPU)")
+    dt = jnp.result_type(x, w)
+    if M == 0:
+        return jnp.zeros((0, N), out_dtype)
+    edge = _gmm.block_edge(dt)
+    Kp, Np = _padded_dim(K, edge), _padded_dim(N, edge)
+    lay = tile_layout(group_sizes, M, row_tile(M, E))
+    xt = jnp.zeros((lay.n_tiles * lay.bm, Kp), dt).at[lay.dest].set(
+        _pad(x.astype(dt), (M, Kp)), mode="drop")
+    out = _tiled(_Static(lay.bm, jnp.dtype(out_dtype).name, bool(interpret)), xt,
+                 _pad(w.astype(dt), (E, Np, Kp)), lay.tile_group, lay.tile_start, lay.tile_count)
+    return jnp.take(out, lay.dest, axis=0, mode="fill", fill_value=0)[:, :N]
