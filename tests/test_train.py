@@ -112,10 +112,10 @@ def test_config_errors_name_the_key(tmp_path):
     assert mesh_shape(MeshConfig(data=-1, tensor=2), 8) == (4, 1, 1, 2)
 
 
-def _train(workdir, *overrides):
+def _train(workdir, *overrides, env=None):
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(workdir), "--quiet",
            *FAST, *overrides]
-    subprocess.run(cmd, check=True, cwd=workdir.parent)
+    subprocess.run(cmd, check=True, cwd=workdir.parent, env=env)
     return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -153,3 +153,46 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
     ckpts = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts[-1] == 16 and len(ckpts) <= 2  # keep: 2
+
+
+def test_optimizer_state_follows_parameter_shardings():
+    """Per-parameter optimizer leaves take their parameter's sharding; counts are replicated."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from v4jax.optim import OptimizerConfig, build_optimizer
+    from v4jax.sharding import follow_params
+
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "expert", "tensor"))
+    params = {"embed": {"weight": jnp.ones((8, 4))}, "layers": {0: {"ffn": {"experts": {"w1": jnp.ones((2, 4, 4))}},
+                                                                     "attn_norm": {"weight": jnp.ones((4,))}}}}
+    shard = {"embed": {"weight": NamedSharding(mesh, P("tensor", "fsdp"))},
+             "layers": {0: {"ffn": {"experts": {"w1": NamedSharding(mesh, P("expert", None, "fsdp"))}},
+                            "attn_norm": {"weight": NamedSharding(mesh, P(None))}}}}
+    tx = build_optimizer(OptimizerConfig(), params)
+    out = follow_params(jax.eval_shape(tx.init, params), params, shard, mesh)
+    leaves = jax.tree_util.tree_leaves_with_path(out)
+    by_spec = {}
+    for path, s in leaves:
+        by_spec.setdefault(tuple(s.spec), []).append(jax.tree_util.keystr(path))
+    assert any("w1" in p for p in by_spec[("expert", None, "fsdp")])
+    assert any("embed" in p for p in by_spec[("tensor", "fsdp")])
+    assert all("w1" not in p and "embed" not in p for p in by_spec.get((), []))  # () = replicated
+    assert by_spec.get(())  # the step counts
+
+
+@pytest.mark.slow
+def test_training_on_a_device_mesh_matches_one_device(tmp_path):
+    """Four host devices, data=2 x expert=2, then resumed on fsdp=2 x tensor=2 (the checkpoint is
+    resharded on restore), give one device's losses."""
+    import os
+
+    exact = ["train.mode=exact", "train.steps=4"]
+    one = _train(tmp_path / "one", *exact)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    _train(tmp_path / "mesh", "train.mode=exact", "train.steps=2", "checkpoint.every=2", "mesh.data=2",
+           "mesh.expert=2", env=env)
+    four = _train(tmp_path / "mesh", *exact, "mesh.fsdp=2", "mesh.tensor=2", env=env)
+    assert [m["step"] for m in four] == [1, 2, 3, 4]
+    for a, b in zip(one, four):
+        for key in ("loss", "mtp_ce", "grad_norm", "max_expert_load"):
+            assert abs(a[key] - b[key]) <= 1e-3 * abs(a[key]), (a["step"], key, a[key], b[key])

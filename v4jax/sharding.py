@@ -67,6 +67,28 @@ def param_shardings(params_state: nnx.State, mesh: Mesh):
     return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
 
 
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def follow_params(tree, params, param_sharding, mesh: Mesh):
+    """Shardings for a tree that holds per-parameter copies (an optimizer state): a leaf whose key path
+    ends with a parameter's path and has its shape gets that parameter's sharding; any other leaf
+    (step counts, scalars) is replicated. ``tree`` may hold arrays or ``ShapeDtypeStruct``s."""
+    by_path = {}
+    for (path, p), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_sharding)):
+        by_path[_path_key(path)] = (p.shape, s)
+
+    def one(path, leaf):
+        key = _path_key(path)
+        for i in range(len(key)):
+            hit = by_path.get(key[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated(mesh)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(("data", "fsdp")))
 

@@ -98,7 +98,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     rep = sharding.replicated(mesh)
     lr = learning_rate_schedule(cfg.optimizer)
     state = {"params": params, "buffers": jax.device_put(nnx.to_pure_dict(rest), rep),
-             "opt_state": jax.jit(tx.init)(params),
+             "opt_state": jax.jit(tx.init, out_shardings=sharding.follow_params(
+                 jax.eval_shape(tx.init, params), params, p_shard, mesh))(params),
              "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
              "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
