@@ -95,3 +95,12 @@ def write_random_checkpoint(path: Path, cfg: ModelConfig, *, seed: int = 0, shar
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
     return tensors
+
+
+def kernel_kw(backend: str = "triton") -> dict:
+    """How a kernel test runs the Pallas kernel family ``backend``: compiled on its own platform
+    (``triton`` on a GPU, ``mosaic`` on a TPU), in interpret mode everywhere else (CPU CI)."""
+    import jax
+
+    native = {"triton": "gpu", "mosaic": "tpu"}[backend]
+    return dict(backend=backend, interpret=jax.default_backend() != native)

@@ -1,7 +1,8 @@
-"""Kernel == reference for CSA / HCA / window attention: values and gradients, interpret mode.
+"""Kernel == reference for CSA / HCA / window attention: values and gradients.
 
-Both kernel families (``triton`` for GPU, ``mosaic`` for TPU) run here in Pallas interpret
-mode against ``pallas_kernels.reference``. Gradients are of ``sum(o * do)`` with a random
+Both kernel families (``triton`` for GPU, ``mosaic`` for TPU) run against
+``pallas_kernels.reference`` in Pallas interpret mode, or compiled on their own accelerator
+(``conftest.kernel_kw``: run this file on a GPU to test the compiled Triton kernels). Gradients are of ``sum(o * do)`` with a random
 ``do`` w.r.t. q, kv, ckv and sink. bfloat16 kernels are compared with the float32 reference on
 the same (bf16-valued) inputs. The lowering tests check, from CPU, that every kernel lowers to
 Triton IR (``cuda``) and to Mosaic (``tpu``) at V4-Flash shapes; compiling and running them
@@ -19,6 +20,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
+from conftest import kernel_kw
 
 BACKENDS = ("triton", "mosaic")
 MODES = ("window", "hca", "csa")
@@ -87,7 +89,7 @@ def _assert_close(actual, expected, tol):
 def _check(mode, backend, case, seed=0):
     args, kw = _make(case, mode, seed)
     f32 = lambda x: x.astype(jnp.float32)
-    kernel = _call(mode, pk, args, kw, interpret=True, backend=backend)
+    kernel = _call(mode, pk, args, kw, **kernel_kw(backend))
     o, grads = _value_and_grads(kernel, args["q"], args["kv"], args["ckv"], args["sink"], args["do"])
     o_ref, grads_ref = _value_and_grads(_call(mode, ref, args, kw), f32(args["q"]), f32(args["kv"]),
                                         f32(args["ckv"]), args["sink"], f32(args["do"]))
@@ -154,9 +156,9 @@ def test_decode_with_window_buffer(backend, mode):
         tail = kv[:, t + 1 - W:]
         if mode == "hca":
             return pk.compressed_attention(q, tail, ckv, sink, ratio=4, q_start=pos, kv_start=pos + 1 - W,
-                                           interpret=True, backend=backend, **kw)
+                                           **kernel_kw(backend), **kw)
         return pk.sparse_attention(q, tail, ckv, idx, sink, q_start=pos, kv_start=pos + 1 - W,
-                                   interpret=True, backend=backend, **kw)
+                                   **kernel_kw(backend), **kw)
 
     if mode == "hca":
         expected = ref.compressed_attention(q, kv, ckv, sink, ratio=4, q_start=t, **kw)
@@ -175,7 +177,7 @@ def test_no_compressed_entries_yet(backend):
     ckv = jnp.zeros((B, 0, D), jnp.float32)
     sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
     idx = -jnp.ones((B, S, 4), jnp.int32)
-    kw = dict(window=W, scale=D ** -0.5, interpret=True, backend=backend)
+    kw = dict(window=W, scale=D ** -0.5, **kernel_kw(backend))
     hca = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
     _assert_close(hca, ref.compressed_attention(q, kv, ckv, sink, window=W, ratio=128, scale=D ** -0.5), 1e-5)
     csa = lambda c: pk.sparse_attention(q, kv, c, idx, sink, **kw)
@@ -191,7 +193,7 @@ def test_mixed_dtypes_promote_like_the_reference():
     ckv = jnp.asarray(rng.standard_normal((1, 4, 16)), jnp.bfloat16)
     sink = jnp.zeros((2,), jnp.float32)
     kw = dict(window=3, ratio=2, scale=0.25)
-    got = pk.compressed_attention(q, kv, ckv, sink, interpret=True, **kw)
+    got = pk.compressed_attention(q, kv, ckv, sink, **kernel_kw(), **kw)
     assert got.dtype == jnp.float32
     _assert_close(got, ref.compressed_attention(q, kv, ckv, sink, **kw), 1e-5)
 

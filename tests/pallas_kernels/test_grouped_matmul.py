@@ -1,4 +1,5 @@
-"""Experts' grouped matmul: Triton kernel (interpret mode) == reference (ragged_dot) == numpy loop."""
+"""Experts' grouped matmul: Triton kernel (interpret mode on CPU, compiled on a GPU) == reference
+(ragged_dot) == numpy loop."""
 from __future__ import annotations
 
 import chex
@@ -9,6 +10,7 @@ import pytest
 
 from pallas_kernels import reference as ref
 from pallas_kernels.grouped_matmul import grouped_matmul, row_tile, tile_layout
+from conftest import kernel_kw
 
 CASES = {
     # ragged groups, empty groups, dims that are not multiples of a tile
@@ -45,7 +47,7 @@ def _numpy(x, w, sizes):
 def test_forward_matches_reference(case):
     c = CASES[case]
     x, w, sizes = _make(c)
-    got = jax.jit(lambda x, w, s: grouped_matmul(x, w, s, interpret=True))(x, w, sizes)
+    got = jax.jit(lambda x, w, s: grouped_matmul(x, w, s, **kernel_kw()))(x, w, sizes)
     want = ref.grouped_matmul(x, w, sizes)
     chex.assert_shape(got, (c["M"], c["N"]))
     assert got.dtype == jnp.float32
@@ -64,7 +66,7 @@ def test_gradients_match_reference(case):
     def loss(fn):
         return lambda x, w: jnp.sum(jnp.tanh(fn(x, w, sizes)) * probe)
 
-    got = jax.grad(loss(lambda *a: grouped_matmul(*a, interpret=True)), argnums=(0, 1))(x, w)
+    got = jax.grad(loss(lambda *a: grouped_matmul(*a, **kernel_kw())), argnums=(0, 1))(x, w)
     want = jax.grad(loss(ref.grouped_matmul), argnums=(0, 1))(x, w)
     chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
     tol = TOL[c["dtype"]] if c["dtype"] == jnp.float32 else dict(rtol=3e-2, atol=6e-2)
@@ -77,7 +79,7 @@ def test_gradients_match_reference(case):
 
 def test_mixed_dtypes_compute_in_promoted_type():
     x, w, sizes = _make(CASES["ragged_f32"])
-    got = grouped_matmul(x.astype(jnp.bfloat16), w, sizes, interpret=True)
+    got = grouped_matmul(x.astype(jnp.bfloat16), w, sizes, **kernel_kw())
     want = ref.grouped_matmul(x.astype(jnp.bfloat16), w, sizes)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 

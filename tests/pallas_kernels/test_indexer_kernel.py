@@ -1,4 +1,5 @@
-"""Lightning-indexer kernel == reference: scores and top-k, both kernel families in interpret mode."""
+"""Lightning-indexer kernel == reference: scores and top-k, both kernel families in interpret mode
+(compiled on their own accelerator: ``conftest.kernel_kw``)."""
 from __future__ import annotations
 
 import chex
@@ -9,6 +10,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
+from conftest import kernel_kw
 
 BACKENDS = ("triton", "mosaic")
 CASES = {
@@ -35,7 +37,7 @@ def _make(case, seed=0):
 def test_scores_match_reference(backend, case):
     c = CASES[case]
     q, w, k = _make(c)
-    got = pk.indexer_scores(q, w, k, q_start=c["q_start"], interpret=True, backend=backend)
+    got = pk.indexer_scores(q, w, k, q_start=c["q_start"], **kernel_kw(backend))
     want = ref.indexer_scores(q, w, k, q_start=c["q_start"])
     chex.assert_shape(got, (c["B"], c["S"], c["N"]))
     assert got.dtype == jnp.float32
@@ -54,8 +56,7 @@ def test_topk_matches_reference_in_chunks(backend, case):
     q, w, k = _make(c, seed=1)
     want = np.asarray(ref.indexer_topk(q, w, k, topk, q_start=c["q_start"]))
     for chunk in (None, 16):  # one chunk / several, the last one ragged
-        got = pk.indexer_topk(q, w, k, topk, q_start=c["q_start"], chunk=chunk, interpret=True,
-                              backend=backend)
+        got = pk.indexer_topk(q, w, k, topk, q_start=c["q_start"], chunk=chunk, **kernel_kw(backend))
         chex.assert_shape(got, (c["B"], c["S"], topk))
         assert got.dtype == jnp.int32
         # the same selected set per row (the order of equal scores is unspecified)
@@ -68,7 +69,7 @@ def test_topk_matches_reference_in_chunks(backend, case):
 def test_traced_q_start_and_xla_backend():
     c = CASES["chunk_f32"]
     q, w, k = _make(c, seed=2)
-    f = jax.jit(lambda s: pk.indexer_topk(q, w, k, 4, q_start=s, chunk=8, interpret=True, backend="triton"))
+    f = jax.jit(lambda s: pk.indexer_topk(q, w, k, 4, q_start=s, chunk=8, **kernel_kw()))
     np.testing.assert_array_equal(np.sort(np.asarray(f(jnp.int32(11))), -1),
                                   np.sort(np.asarray(ref.indexer_topk(q, w, k, 4, q_start=11)), -1))
     chex.assert_trees_all_equal(pk.indexer_topk(q, w, k, 4, q_start=11, backend="xla", chunk=8),
@@ -77,8 +78,8 @@ def test_traced_q_start_and_xla_backend():
 
 def test_no_entries_yet():
     q, w, k = _make(dict(B=1, S=3, H=2, D=16, N=0, dtype=jnp.float32))
-    chex.assert_shape(pk.indexer_scores(q, w, k, interpret=True), (1, 3, 0))
-    chex.assert_trees_all_equal(pk.indexer_topk(q, w, k, 2, interpret=True), jnp.full((1, 3, 2), -1, jnp.int32))
+    chex.assert_shape(pk.indexer_scores(q, w, k, **kernel_kw()), (1, 3, 0))
+    chex.assert_trees_all_equal(pk.indexer_topk(q, w, k, 2, **kernel_kw()), jnp.full((1, 3, 2), -1, jnp.int32))
 
 
 def test_rejects_bad_inputs():
