@@ -44,8 +44,9 @@ def small_config(**over) -> ModelConfig:
              expert_dtype="fp4", model_type="deepseek_v4",
              quantization_config=dict(quant_method="fp8", fmt="e4m3", scale_fmt="ue8m0",
                                       weight_block_size=[128, 128], activation_scheme="dynamic"))
+    runtime = {k: over.pop(k) for k in ("attention_impl", "moe_impl") if k in over}  # not config.json keys
     d.update(over)
-    return from_hf_config(d)
+    return from_hf_config(d, **runtime)
 
 
 def write_random_checkpoint(path: Path, cfg: ModelConfig, *, seed: int = 0, shards: int = 2) -> dict:

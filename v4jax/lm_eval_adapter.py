@@ -51,8 +51,8 @@ class V4JaxLM(_Base):
 
     def __init__(self, checkpoint=None, config=None, *, engine: Engine | None = None, tokenizer=None,
                  mode: str = "exact", layout: str = "float", attention_impl: str | None = None,
-                 moe_impl: str | None = None, max_length: int | None = None, batch_size=1, max_batch_size=None, max_gen_toks: int = 256,
-                 seed: int = 0, device=None, progress: bool = True):
+                 moe_impl: str | None = None, max_length: int | None = None, batch_size=1, max_batch_size=None,
+                 max_gen_toks: int = 256, seed: int = 0, device=None, progress: bool = True):
         if _Base is not object:
             super().__init__()
         if engine is None:

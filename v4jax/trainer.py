@@ -140,7 +140,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
         while step < tcfg.steps:
             local = next(data_iter)["tokens"]
             batch = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
-            state, metrics = step_fn(state, batch)
+            with jax.set_mesh(mesh):  # the model reads it (expert parallelism: moe.Experts)
+                state, metrics = step_fn(state, batch)
             step += 1
             steps_since += 1
             bar.update(1)

@@ -2,11 +2,11 @@
 
 Both kernel families (``triton`` for GPU, ``mosaic`` for TPU) run against
 ``pallas_kernels.reference`` in Pallas interpret mode, or compiled on their own accelerator
-(``conftest.kernel_kw``: run this file on a GPU to test the compiled Triton kernels). Gradients are of ``sum(o * do)`` with a random
-``do`` w.r.t. q, kv, ckv and sink. bfloat16 kernels are compared with the float32 reference on
-the same (bf16-valued) inputs. The lowering tests check, from CPU, that every kernel lowers to
-Triton IR (``cuda``) and to Mosaic (``tpu``) at V4-Flash shapes; compiling and running them
-needs the accelerator.
+(``conftest.kernel_kw``: run this file on a GPU to test the compiled Triton kernels).
+Gradients are of ``sum(o * do)`` with a random ``do`` w.r.t. q, kv, ckv and sink. bfloat16
+kernels are compared with the float32 reference on the same (bf16-valued) inputs. The lowering
+tests check, from CPU, that every kernel lowers to Triton IR (``cuda``) and to Mosaic (``tpu``)
+at V4-Flash shapes.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from v4jax import quant
@@ -101,31 +102,58 @@ class Experts(nnx.Module):
         self.w3 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
 
     def __call__(self, x, idx, w):
-        """x ``[T, D]``, idx / w ``[T, k]`` -> Σ_k w·expert(x) ``[T, D]`` (x's dtype)."""
+        """x ``[T, D]``, idx / w ``[T, k]`` -> Σ_k w·expert(x) ``[T, D]`` (x's dtype).
+
+        Under a mesh (``jax.set_mesh``) whose ``expert`` axis has n > 1 devices, experts are
+        parallel: each device keeps its E/n experts, computes their share for its batch rows (the
+        rows are replicated along ``expert``) and the shares are summed over the axis (``psum``).
+        """
+        dt = x.dtype
+        ws = [m.dequantized(dt) for m in (self.w1, self.w2, self.w3)]
+        E = ws[0].shape[0]
+        mesh = jax.sharding.get_abstract_mesh()
+        n = 0 if mesh.empty else dict(mesh.shape).get("expert", 1)
+        if n <= 1:
+            return self._routed(x, idx, w, *ws, n_experts=E).astype(dt)
+        if E % n:
+            raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
+        rows = P(tuple(a for a in ("data", "fsdp") if a in mesh.shape))
+
+        def local(x, idx, w, w1, w2, w3):
+            first = jax.lax.axis_index("expert") * (E // n)
+            return jax.lax.psum(self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n), "expert")
+
+        # check_vma=False: with the varying-axes check, JAX 0.10 loses the sum over `expert` of the x / w
+        # cotangents at the gathers, and Pallas interpret mode cannot run inside the check.
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
+                             out_specs=rows, check_vma=False)(x, idx, w, *ws).astype(dt)
+
+    def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int):
+        """The experts ``0 … n_experts-1`` of stacked weights ``[n_experts, out, in]``, float32 ``[T, D]``;
+        pairs whose index is outside that range contribute nothing."""
         T, k = idx.shape
-        E = self.w1.weight.shape[0]
         dt, prec = x.dtype, self.numerics.precision
         if self.numerics.qat:
             x = quant.fake_quant_fp8(x, 128)
         flat = idx.reshape(-1)
+        flat = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # n_experts = not here
         order = jnp.argsort(flat, stable=True)
         xs = jnp.take(x, order // k, axis=0)
-        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        sizes = jnp.bincount(flat, length=n_experts + 1)[:n_experts].astype(jnp.int32)
 
-        def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group, float32
+        def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group, float32 (rows past the groups: 0)
             if self.impl == "pallas":
-                return pallas_kernels.grouped_matmul(lhs, wt.dequantized(dt), sizes,
-                                                     interpret=jax.default_backend() == "cpu")
-            return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt.dequantized(dt), 1, 2), sizes, precision=prec,
+                return pallas_kernels.grouped_matmul(lhs, wt, sizes, interpret=jax.default_backend() == "cpu")
+            return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt, 1, 2), sizes, precision=prec,
                                       preferred_element_type=jnp.float32)
 
-        h = swiglu(grouped(xs, self.w1), grouped(xs, self.w3), self.limit)
+        h = swiglu(grouped(xs, w1), grouped(xs, w3), self.limit)
         h = (h * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)
         if self.numerics.qat:
             h = quant.fake_quant_fp8(h, 128)
-        ys = grouped(h, self.w2)
+        ys = grouped(h, w2)
         y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)
-        return jnp.sum(y, axis=1).astype(dt)
+        return jnp.sum(y, axis=1)
 
 
 class MLP(nnx.Module):
