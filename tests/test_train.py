@@ -110,6 +110,10 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="devices"):
         mesh_shape(MeshConfig(data=2, fsdp=3), 4)
     assert mesh_shape(MeshConfig(data=-1, tensor=2), 8) == (4, 1, 1, 2)
+    from v4jax.sharding import check_batch
+    with pytest.raises(ConfigError, match=r"global_batch=6 must be a multiple of .* = 4"):
+        check_batch(6, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1})
+    check_batch(8, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
 
 
 def _train(workdir, *overrides, env=None):

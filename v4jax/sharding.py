@@ -2,7 +2,8 @@
 
 Parameters carry logical axis names (``out_sharding`` metadata set by ``layers.param``); ``RULES``
 maps each name to a mesh axis. A dimension whose size the mesh axis does not divide stays
-replicated. Batches are split over ``("data", "fsdp")``.
+replicated. Batches are split over ``("data", "fsdp", "expert")`` (the expert axis is a data axis for
+everything but the routed experts, see ``moe.Experts``).
 """
 from __future__ import annotations
 
@@ -89,8 +90,22 @@ def follow_params(tree, params, param_sharding, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch(global_batch: int, mesh_axes):
+    """Rows of a batch are split over BATCH_AXES: the global batch must be a multiple of their product.
+    ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""
+    shape = dict(mesh_axes)
+    shards = math.prod(shape[a] for a in BATCH_AXES)
+    if global_batch % shards:
+        raise ConfigError(f"data.global_batch={global_batch} must be a multiple of mesh data×fsdp×expert = "
+                          f"{'×'.join(str(shape[a]) for a in BATCH_AXES)} = {shards} (batch rows are split "
+                          "over those axes)")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

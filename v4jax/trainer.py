@@ -87,6 +87,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg, mcfg = cfg.train, cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_batch(cfg.data.global_batch, mesh.shape)
     is_main = jax.process_index() == 0
 
     model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
