@@ -200,3 +200,50 @@ def test_training_on_a_device_mesh_matches_one_device(tmp_path):
     for a, b in zip(one, four):
         for key in ("loss", "mtp_ce", "grad_norm", "max_expert_load"):
             assert abs(a[key] - b[key]) <= 1e-3 * abs(a[key]), (a["step"], key, a[key], b[key])
+
+
+@pytest.mark.slow
+def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
+    """configs/small.yaml (the GPU run) as the GPU would get it: the whole training step (production
+    mode, remat, FP4/FP8 weight QAT) and prefill + decode lower for ``cuda`` with every Pallas kernel
+    as a Triton call. Lowering needs no GPU; the kernels are forced to their Triton form."""
+    import re
+
+    from flax import nnx
+
+    from v4jax.model import layers
+    from v4jax.model.transformer import Transformer
+    from v4jax.optim import build_optimizer, learning_rate_schedule
+    from v4jax.train_step import make_train_step
+
+    monkeypatch.setattr(layers, "kernel_kw", lambda: {"backend": "triton"})
+    cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=2"])
+    m, t = cfg.model, cfg.train
+    model = nnx.eval_shape(lambda: Transformer(m, mode=t.mode, rngs=nnx.Rngs(0), fp4_expert_qat=t.fp4_expert_qat,
+                                               fp8_weight_qat=t.fp8_weight_qat))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+    tx = build_optimizer(cfg.optimizer, params)
+    state = {"params": params, "buffers": rest, "opt_state": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    batch = jax.ShapeDtypeStruct((2, 1025), jnp.int32)
+    step = make_train_step(graphdef, m, t, tx, learning_rate_schedule(cfg.optimizer))
+
+    def kernels(f, *args):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return set(re.findall(r'name = "(v4_\w+)"', text))
+
+    assert kernels(step, state, batch) >= {
+        "v4_window_attention_fwd", "v4_window_attention_dq", "v4_window_attention_dkv", "v4_csa_attention_fwd",
+        "v4_csa_attention_dq", "v4_hca_attention_fwd", "v4_hca_attention_dq", "v4_hca_attention_dkv",
+        "v4_gmm", "v4_tgmm"}
+
+    tokens = jax.ShapeDtypeStruct((2, 300), jnp.int32)
+
+    def prefill_decode(params, rest, tokens):
+        model = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+        logits, cache, _ = model.prefill(tokens, 512)
+        return logits, model.decode(tokens[:, -1], cache)[0]
+
+    assert kernels(prefill_decode, params, rest, tokens) >= {
+        "v4_window_attention_fwd", "v4_csa_attention_fwd", "v4_hca_attention_fwd", "v4_indexer_scores", "v4_gmm"}

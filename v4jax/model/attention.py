@@ -22,6 +22,7 @@ from v4jax.config import ModelConfig
 from v4jax.model.cache import AttnCache, ring_from_sequence, ring_positions
 from v4jax.model.compressor import Compressor
 from v4jax.model.indexer import Indexer
+from v4jax.model import layers
 from v4jax.model.layers import (Linear, Numerics, RMSNorm, WeightLayout, init_normal, placeholder,
                                 fp8_scale_shape, param, rms_norm)
 from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
@@ -119,7 +120,7 @@ class Attention(nnx.Module):
 
     def _kernels(self):
         if self.impl == "pallas":
-            return pallas_kernels, dict(interpret=jax.default_backend() == "cpu")
+            return pallas_kernels, layers.kernel_kw()
         return reference, {}
 
     # ------------------------------------------------------------------ prefill / training
@@ -207,8 +208,7 @@ class Attention(nnx.Module):
         scale, sink = self.head_dim ** -0.5, self.attn_sink[...]
         if self.impl == "pallas":  # the prefill kernels with one query: ring rows put in position order
             kv = jnp.take(win_kv, (t - W + 1 + jnp.arange(W)) % W, axis=1).astype(q.dtype)
-            kw = dict(window=W, scale=scale, q_start=t, kv_start=t - W + 1,
-                      interpret=jax.default_backend() == "cpu")
+            kw = dict(window=W, scale=scale, q_start=t, kv_start=t - W + 1, **layers.kernel_kw())
             if self.ratio == 0:
                 return pallas_kernels.window_attention(q, kv, sink, **kw)
             if self.ratio == 4:

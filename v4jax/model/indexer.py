@@ -12,7 +12,6 @@ Training needs the scores themselves (the indexer KL loss) and always uses the r
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -22,6 +21,7 @@ from pallas_kernels import reference
 from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor, hadamard
+from v4jax.model import layers
 from v4jax.model.layers import Linear, Numerics, WeightLayout, dot
 from v4jax.model.rope import apply_rope, rope_tables
 
@@ -63,5 +63,5 @@ class Indexer(nnx.Module):
 
     def select(self, q, w, k, pos):
         """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist)."""
-        kw = dict(interpret=jax.default_backend() == "cpu") if self.impl == "pallas" else dict(backend="xla")
+        kw = layers.kernel_kw() if self.impl == "pallas" else dict(backend="xla")
         return pallas_kernels.indexer_topk(q, w, k, self.topk, ratio=4, q_start=pos[0], **kw)

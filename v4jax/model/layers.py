@@ -89,6 +89,12 @@ def param(value, axes: tuple) -> nnx.Param:
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def kernel_kw() -> dict:
+    """Keyword arguments for the Pallas kernels of the ``pallas`` impls: compiled for the default
+    backend on a GPU / TPU (Triton / Mosaic), Pallas interpret mode on a CPU."""
+    return dict(interpret=jax.default_backend() == "cpu")
+
+
 def dot(x, w, numerics: Numerics, out_dtype=None):
     """``x @ w.T`` with ``w [out, in]``; fp32 accumulation, output in ``out_dtype`` (default: x's dtype)."""
     out = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=numerics.precision,

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from v4jax import quant
 from v4jax.config import ModelConfig
+from v4jax.model import layers
 from v4jax.model.layers import (Linear, Numerics, WeightLayout, init_normal, placeholder, dot_f32,
                                 fp8_scale_shape, param)
 
@@ -154,7 +155,7 @@ class Experts(nnx.Module):
 
         def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group, float32 (rows past the groups: 0)
             if self.impl == "pallas":
-                return pallas_kernels.grouped_matmul(lhs, wt, sizes, interpret=jax.default_backend() == "cpu")
+                return pallas_kernels.grouped_matmul(lhs, wt, sizes, **layers.kernel_kw())
             return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt, 1, 2), sizes, precision=prec,
                                       preferred_element_type=jnp.float32)
 
