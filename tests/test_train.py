@@ -73,6 +73,36 @@ def test_indexer_kl_by_hand():
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
+@pytest.mark.parametrize("S,chunk", [(37, 8), (40, 16), (12, 64)])
+def test_indexer_train_chunks_equal_the_full_score_matrix(S, chunk):
+    """indexer_train (query chunks under remat) == top-k and KL of the whole [B, S, N] score matrix,
+    values and gradients; S ragged against the chunk, and a chunk longer than S."""
+    from pallas_kernels import reference
+    from v4jax.model.attention import indexer_train
+
+    B, IH, ID, H, hd, topk = 2, 3, 8, 4, 8, 5
+    N = S // 4
+    ks = jax.random.split(jax.random.key(0), 5)
+    qi, w, ik = (jax.random.normal(ks[0], (B, S, IH, ID)), jax.random.normal(ks[1], (B, S, IH)),
+                 jax.random.normal(ks[2], (B, N, ID)))
+    q, ckv = jax.random.normal(ks[3], (B, S, H, hd)), jax.random.normal(ks[4], (B, N, hd))
+
+    def full(qi, w, ik):
+        scores = reference.indexer_scores(qi, w, ik, ratio=4)
+        return reference.topk_indices(scores, topk), indexer_kl(scores, q, ckv, 0.3)
+
+    def chunked(qi, w, ik):
+        return indexer_train(qi, w, ik, q, ckv, topk=topk, scale=0.3, chunk=chunk)
+
+    (idx_f, kl_f), (idx_c, kl_c) = full(qi, w, ik), chunked(qi, w, ik)
+    chex.assert_shape(idx_c, (B, S, topk))
+    np.testing.assert_array_equal(idx_c, idx_f)
+    chex.assert_trees_all_close(kl_c, kl_f, rtol=1e-5)
+    grads = [jax.grad(lambda *a: f(*a)[1], argnums=(0, 1, 2))(qi, w, ik) for f in (full, chunked)]
+    chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(grads[0][2]).sum()) > 0
+
+
 def test_fp4_expert_qat_is_straight_through():
     from flax import nnx
     ew = ExpertWeight(2, 4, 64, fmt="float", dtype=jnp.float32, axes=("experts", "mlp", "embed"),

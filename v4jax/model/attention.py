@@ -152,9 +152,8 @@ class Attention(nnx.Module):
                 ikeys = self.indexer.keys(ientries)
                 qi, w = self.indexer.queries(xi, qri, pos)
                 if train:
-                    scores = self.indexer.scores(qi, w, ikeys, pos)
-                    topk = reference.topk_indices(jax.lax.stop_gradient(scores), self.indexer.topk)
-                    aux["indexer_kl"] = indexer_kl(scores, q, ckv, scale)
+                    topk, aux["indexer_kl"] = indexer_train(qi, w, ikeys, q, ckv, topk=self.indexer.topk,
+                                                            scale=scale)
                 else:
                     topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
@@ -234,6 +233,47 @@ def indexer_kl(scores, q, ckv, scale: float):
     softmax then mean over heads, detached; the indexer's is ``softmax(scores)`` (SPEC §6).
     scores ``[B, S, N]`` (-inf = not selectable), q ``[B, S, H, hd]``, ckv ``[B, N, hd]``.
     """
+    total, count = _indexer_kl_sum(scores, q, ckv, scale)
+    return total / jnp.maximum(count, 1)
+
+
+INDEXER_TRAIN_CHUNK = 256  # queries per step of indexer_train: memory ~ B·chunk·max(H, IH)·N floats
+
+
+def indexer_train(qi, w, ik, q, ckv, *, topk: int, scale: float, chunk: int = INDEXER_TRAIN_CHUNK):
+    """The lightning indexer in training: its top-k choice and its KL loss, over query chunks.
+
+    qi ``[B, S, IH, ID]``, w ``[B, S, IH]``, ik ``[B, N, ID]`` (indexer queries, head weights, keys;
+    positions 0 … S-1); q ``[B, S, H, hd]``, ckv ``[B, N, hd]`` the main attention's queries and
+    compressed entries (the KL target, detached). Returns (top-k ``[B, S, topk]`` int32,
+    ``indexer_kl``): the same as ``reference.indexer_topk`` and ``indexer_kl`` on the full score
+    matrix, but ``chunk`` queries at a time under ``jax.checkpoint``, so neither pass holds more
+    than one chunk's ``[B, chunk, heads, N]`` products (not ``[B, S, heads, N]``).
+    """
+    B, S = q.shape[:2]
+    C = min(chunk, S)
+    n = -(-S // C)
+    pad = n * C - S
+
+    def split(x):  # [B, S, ...] -> [n, B, C, ...] (queries past S are zero padding)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(B, n, C, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        c, qi_c, w_c, q_c = args
+        scores = reference.indexer_scores(qi_c, w_c, ik, ratio=4, q_start=c * C)
+        real = (c * C + jnp.arange(C)) < S                          # padding queries select nothing
+        scores = jnp.where(real[None, :, None], scores, -jnp.inf)
+        return reference.topk_indices(jax.lax.stop_gradient(scores), topk), _indexer_kl_sum(scores, q_c, ckv, scale)
+
+    idx, (total, count) = jax.lax.map(one, (jnp.arange(n), split(qi), split(w), split(q)))
+    idx = jnp.swapaxes(idx, 0, 1).reshape(B, n * C, -1)[:, :S]
+    return idx, jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
+
+
+def _indexer_kl_sum(scores, q, ckv, scale: float):
+    """(Σ over queries with a selectable entry of KL(main || indexer), how many such queries)."""
     valid = jnp.isfinite(scores)
     logits = jnp.einsum("bshd,bnd->bshn", jax.lax.stop_gradient(q), jax.lax.stop_gradient(ckv),
                         preferred_element_type=jnp.float32) * scale
@@ -242,7 +282,7 @@ def indexer_kl(scores, q, ckv, scale: float):
     log_q = jax.nn.log_softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
     terms = jnp.where(valid, target * (jnp.log(jnp.where(valid, target, 1.0)) - log_q), 0.0)
     has = jnp.any(valid, axis=-1)
-    return jnp.sum(jnp.where(has, terms.sum(-1), 0.0)) / jnp.maximum(jnp.sum(has), 1)
+    return jnp.sum(jnp.where(has, terms.sum(-1), 0.0)), jnp.sum(has)
 
 
 def _fill(entries, n: int):

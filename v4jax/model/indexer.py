@@ -17,7 +17,6 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels import reference
 from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor, hadamard
@@ -55,11 +54,6 @@ class Indexer(nnx.Module):
     def keys(self, entries):
         """Compressor entries (already normalised, rotated, Hadamard) -> keys, FP4-quantised in qat."""
         return (quant.fake_quant_fp4(entries, 32) if self.numerics.qat else entries).astype(self.numerics.dtype)
-
-    def scores(self, q, w, k, pos):
-        """q ``[B, S, IH, ID]``, w ``[B, S, IH]``, k ``[B, N, ID]`` at positions ``pos = q_start + arange(S)``
-        -> fp32 ``[B, S, N]`` (-inf = masked). Differentiable (the training KL loss)."""
-        return reference.indexer_scores(q, w, k, ratio=4, q_start=pos[0])
 
     def select(self, q, w, k, pos):
         """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist)."""
