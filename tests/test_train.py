@@ -73,7 +73,7 @@ def test_indexer_kl_by_hand():
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
-@pytest.mark.parametrize("S,chunk", [(37, 8), (40, 16), (12, 64)])
+@pytest.mark.parametrize("S,chunk", [(37, 8), (12, 64)])
 def test_indexer_train_chunks_equal_the_full_score_matrix(S, chunk):
     """indexer_train (query chunks under remat) == top-k and KL of the whole [B, S, N] score matrix,
     values and gradients; S ragged against the chunk, and a chunk longer than S."""
@@ -94,11 +94,11 @@ def test_indexer_train_chunks_equal_the_full_score_matrix(S, chunk):
     def chunked(qi, w, ik):
         return indexer_train(qi, w, ik, q, ckv, topk=topk, scale=0.3, chunk=chunk)
 
-    (idx_f, kl_f), (idx_c, kl_c) = full(qi, w, ik), chunked(qi, w, ik)
+    (idx_f, kl_f), (idx_c, kl_c) = jax.jit(full)(qi, w, ik), jax.jit(chunked)(qi, w, ik)
     chex.assert_shape(idx_c, (B, S, topk))
     np.testing.assert_array_equal(idx_c, idx_f)
     chex.assert_trees_all_close(kl_c, kl_f, rtol=1e-5)
-    grads = [jax.grad(lambda *a: f(*a)[1], argnums=(0, 1, 2))(qi, w, ik) for f in (full, chunked)]
+    grads = [jax.jit(jax.grad(lambda *a: f(*a)[1], argnums=(0, 1, 2)))(qi, w, ik) for f in (full, chunked)]
     chex.assert_trees_all_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     assert float(jnp.abs(grads[0][2]).sum()) > 0
 
@@ -234,9 +234,10 @@ def test_training_on_a_device_mesh_matches_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
-    """configs/small.yaml (the GPU run) as the GPU would get it: the whole training step (production
-    mode, remat, FP4/FP8 weight QAT) and prefill + decode lower for ``cuda`` with every Pallas kernel
-    as a Triton call. Lowering needs no GPU; the kernels are forced to their Triton form."""
+    """configs/small.yaml (the GPU run; 4 of its layers, one of each kind, to keep the test short) as
+    the GPU would get it: the whole training step (production mode, remat, FP4/FP8 weight QAT) and
+    prefill + decode lower for ``cuda`` with every Pallas kernel as a Triton call. Lowering needs no
+    GPU; the kernels are forced to their Triton form."""
     import re
 
     from flax import nnx
@@ -247,7 +248,9 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
     from v4jax.train_step import make_train_step
 
     monkeypatch.setattr(layers, "kernel_kw", lambda: {"backend": "triton"})
-    cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=2"])
+    cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=2",
+                                                               "model.num_hidden_layers=4",
+                                                               "model.compress_ratios=[0,4,128,0,4]"])
     m, t = cfg.model, cfg.train
     model = nnx.eval_shape(lambda: Transformer(m, mode=t.mode, rngs=nnx.Rngs(0), fp4_expert_qat=t.fp4_expert_qat,
                                                fp8_weight_qat=t.fp8_weight_qat))
