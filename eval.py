@@ -14,6 +14,7 @@ Run ``python eval.py SUBCOMMAND --help`` for the flags of each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,9 +29,36 @@ def _load_model(args):
 
     if (args.checkpoint is None) == (args.config is None):
         raise SystemExit("error: give exactly one of --checkpoint DIR or --config PRESET.yaml")
-    return load_any(args.checkpoint, args.config, mode=args.mode, layout=args.layout,
-                    attention_impl=args.attention_impl, moe_impl=args.moe_impl, seed=args.seed,
-                    progress=not args.quiet)
+    model = load_any(args.checkpoint, args.config, mode=args.mode, layout=args.layout,
+                     attention_impl=args.attention_impl, moe_impl=args.moe_impl, seed=args.seed,
+                     progress=not args.quiet, mesh=args.device_mesh)
+    if args.device_mesh is not None:  # the rest of the command runs under the mesh (built outside it):
+        import jax                    # the model reads it (expert-parallel routed experts)
+
+        args.exit_stack.enter_context(jax.set_mesh(args.device_mesh))
+    return model
+
+
+MESH_HELP = ("split the model over the local devices: AXIS=SIZE,... over data, fsdp, expert, tensor "
+             "(e.g. expert=8; unnamed data takes the remaining devices). Default: one device")
+
+
+def _device_mesh(spec):
+    """``--mesh expert=4,tensor=2`` -> a ``jax.sharding.Mesh`` (None without the flag)."""
+    if not spec:
+        return None
+    from v4jax.config import ConfigError, MeshConfig
+    from v4jax.sharding import AXES, make_mesh
+
+    sizes = {}
+    for part in spec.split(","):
+        name, eq, value = (t.strip() for t in part.partition("="))
+        if not eq or not value.lstrip("-").isdigit():
+            raise ConfigError(f"--mesh: {part!r} is not AXIS=SIZE")
+        if name not in AXES:
+            raise ConfigError(f"--mesh: unknown axis {name!r} in {spec!r} (axes: {', '.join(AXES)})")
+        sizes[name] = int(value)
+    return make_mesh(MeshConfig(**sizes))
 
 
 def _tokenizer(args, cfg):
@@ -308,6 +336,7 @@ def _model_flags(p, *, layout_default="float"):
     p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
                    help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
+    p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -393,6 +422,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--batch", type=int, default=2, help="rows of random tokens when --tokens is not given")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")
+    p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_logits)
     _add_commands(sub)
@@ -401,7 +431,9 @@ def main(argv=None):
     from v4jax.config import ConfigError
     from v4jax.hf.safetensors import CheckpointError
     try:
-        args.func(args)
+        args.device_mesh = _device_mesh(args.mesh)
+        with contextlib.ExitStack() as args.exit_stack:
+            args.func(args)
     except (ConfigError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
 

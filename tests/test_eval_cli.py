@@ -204,6 +204,46 @@ def test_perplexity_strided_windows_and_bits_per_byte(engine, tok):
     np.testing.assert_allclose(r.bits_per_byte, -want / math.log(2) / len(text), rtol=1e-5)
 
 
+# ------------------------------------------------------------------------------------------- device mesh
+
+_SHARDED_LOAD = """
+import sys
+import jax
+from v4jax.config import MeshConfig
+from v4jax.hf.checkpoint import load_model
+from v4jax.sharding import make_mesh
+
+mesh = make_mesh(MeshConfig(data=1, expert=2, tensor=2))
+model = load_model(sys.argv[1], layout=sys.argv[2], mesh=mesh, progress=False)
+w1 = model.layers[0].ffn.experts.w1.weight[...]
+assert w1.sharding.spec[0] == "expert", w1.sharding
+assert w1.addressable_shards[0].data.shape[0] == w1.shape[0] // 2   # each device holds half the experts
+head = model.head.weight[...]
+assert head.sharding.spec[0] == "tensor" and head.addressable_shards[0].data.shape[0] == head.shape[0] // 2
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("layout", ["float", "released"])
+def test_loading_onto_a_device_mesh_splits_the_weights(ckpt, layout):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, "-c", _SHARDED_LOAD, str(ckpt), layout], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_cli_bad_mesh_flag_names_the_problem(ckpt):
+    ev = _eval_cli()
+    for spec, msg in (("experts=2", "unknown axis 'experts'"), ("expert:2", "not AXIS=SIZE"),
+                      ("expert=3", "devices")):
+        with pytest.raises(SystemExit, match=msg):
+            ev.main(["bench", "--checkpoint", str(ckpt), "--mesh", spec, "--quiet"])
+
+
 # ------------------------------------------------------------------------------------------- bench / needle
 
 def test_cli_bench_prints_table(ckpt, tmp_path, capsys):

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 
 
-def _eval(golden, tmp_path, mode, *extra):
+def _eval(golden, tmp_path, mode, *extra, env=None):
     ref = np.load(golden / "tiny" / f"reference_{'exact' if mode == 'production' else mode}.npz")
     tok = tmp_path / "tokens.npy"
     np.save(tok, ref["tokens"])
@@ -30,7 +30,7 @@ def _eval(golden, tmp_path, mode, *extra):
     cmd = [sys.executable, str(REPO / "eval.py"), "logits", "--checkpoint", str(golden / "tiny" / "checkpoint"),
            "--tokens", str(tok), "--prefill", str(case["prefill_len"]), "--decode", str(case["decode_steps"]),
            "--mode", mode, "--out", str(out), "--quiet", *extra]
-    subprocess.run(cmd, check=True, cwd=tmp_path)
+    subprocess.run(cmd, check=True, cwd=tmp_path, env=env)
     return ref, np.load(out)
 
 
@@ -50,6 +50,18 @@ def _rel(a, b):
 @pytest.mark.parametrize("extra", [[], ["--attention-impl", "pallas", "--layout", "released"]], ids=["xla", "pallas-released"])
 def test_golden_exact(golden, tmp_path, extra):
     _eval(golden, tmp_path, "exact", *extra)
+    rc, out = _compare(golden, tmp_path / "exact.npz", "exact")
+    assert rc == 0, out
+
+
+@pytest.mark.slow
+def test_golden_exact_split_over_a_device_mesh(golden, tmp_path):
+    """eval.py --mesh: weights split over 4 host devices (routed experts expert-parallel, heads and
+    vocabulary over tensor), released layout; compare.py must pass as on one device."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    _eval(golden, tmp_path, "exact", "--layout", "released", "--mesh", "expert=2,tensor=2", env=env)
     rc, out = _compare(golden, tmp_path / "exact.npz", "exact")
     assert rc == 0, out
 

@@ -26,9 +26,10 @@ from v4jax.generate import Engine, cache_bytes, generate
 
 def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str = "float",
              attention_impl: str | None = None, moe_impl: str | None = None, seed: int = 0,
-             progress: bool = True):
+             progress: bool = True, mesh=None):
     """A model from an HF checkpoint directory, an orbax-form directory (it has ``v4jax.json``), or a
-    YAML preset (``config``: random initialisation with ``seed``). Exactly one source must be given."""
+    YAML preset (``config``: random initialisation with ``seed``). Exactly one source must be given.
+    ``mesh``: split the weights over this device mesh (``sharding.placer``)."""
     from pathlib import Path
 
     from v4jax.config import load_model_config
@@ -41,11 +42,15 @@ def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str =
     if checkpoint is not None:
         load = load_orbax_model if is_orbax_dir(Path(checkpoint)) else load_model
         return load(checkpoint, mode=mode, layout=layout, attention_impl=attention_impl, moe_impl=moe_impl,
-                    progress=progress)
+                    progress=progress, mesh=mesh)
     overrides = [f"model.{k}={v}" for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl))
                  if v is not None]
     cfg = load_model_config(config, overrides)
-    return Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed))
+    model = Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed))
+    if mesh is not None:
+        from v4jax.sharding import shard_model
+        shard_model(model, mesh)
+    return model
 
 
 def load_tokenizer_for(checkpoint=None, tokenizer=None):

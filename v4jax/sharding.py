@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -66,6 +67,27 @@ def param_shardings(params_state: nnx.State, mesh: Mesh):
         return NamedSharding(mesh, spec_for(v.shape, meta.get("out_sharding"), mesh))
     specs = jax.tree_util.tree_map(one, params_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(specs) if isinstance(specs, nnx.State) else specs
+
+
+def placer(model, mesh: Mesh | None):
+    """``place(key_path, host_array) -> jax.Array`` for the leaves of ``nnx.state(model)`` (``model`` may
+    be abstract; key paths as in its pure dict). Without a mesh: the default device. With one: split
+    by the leaf's logical axes (``RULES``), one leaf at a time, so each device receives only its part
+    and no device ever holds the whole model."""
+    if mesh is None:
+        return lambda kp, x: jnp.asarray(x)
+    by_path = {_path_key(p): s for p, s in
+               jax.tree_util.tree_leaves_with_path(param_shardings(nnx.state(model), mesh))}
+    return lambda kp, x: jax.device_put(x, by_path[_path_key(kp)])
+
+
+def shard_model(model, mesh: Mesh) -> None:
+    """Move an existing (concrete) model's state onto ``mesh`` in place, split as ``placer`` does."""
+    state = nnx.state(model)
+    place = placer(model, mesh)
+    pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
 
 
 def _path_key(path) -> tuple:

@@ -72,9 +72,13 @@ def read_leaf(reader: SafetensorsReader, name: str, target, n_experts: int) -> n
     return a.astype(target.dtype)
 
 
-def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool = True) -> None:
-    """Fill ``model`` (built for the checkpoint's config, possibly abstract) in place from ``path``."""
+def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool = True, mesh=None) -> None:
+    """Fill ``model`` (built for the checkpoint's config, possibly abstract) in place from ``path``;
+    with ``mesh``, each tensor goes straight to its shards (``sharding.placer``)."""
+    from v4jax.sharding import placer
+
     cfg = model.cfg
+    place = placer(model, mesh)
     with SafetensorsReader(path) as reader:
         validate(reader, cfg)
         state = nnx.state(model)
@@ -84,7 +88,7 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
         new = {}
         for kp, target in leaves:
             name = path_to_name(tuple(k.key for k in kp))
-            new[name] = jnp.asarray(read_leaf(reader, name, target, cfg.n_routed_experts))
+            new[name] = place(kp, read_leaf(reader, name, target, cfg.n_routed_experts))
             bar.update(len(tensor_names(name, cfg.n_routed_experts)))
         bar.close()
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
@@ -94,12 +98,13 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
 
 def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "float",
                dtype=jnp.float32, attention_impl: str | None = None, moe_impl: str | None = None,
-               progress: bool = True) -> Transformer:
+               progress: bool = True, mesh=None) -> Transformer:
     """Build a ``Transformer`` for the checkpoint at ``path`` and load its weights.
 
     ``layout="float"``: dequantise every weight to ``dtype``; ``layout="released"``: keep the release's
     FP8 / FP4 / BF16 tensors and dequantise on use. ``attention_impl`` / ``moe_impl`` override the
-    config's ``xla`` / ``pallas`` choice.
+    config's ``xla`` / ``pallas`` choice. ``mesh``: split the weights over this device mesh (run the
+    model under ``jax.set_mesh(mesh)``: routed experts then run expert-parallel).
     """
     path = Path(path)
     if not path.exists():
@@ -113,5 +118,5 @@ def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "f
     else:
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
     model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0)))
-    load_params(model, path, progress=progress)
+    load_params(model, path, progress=progress, mesh=mesh)
     return model

@@ -681,8 +681,10 @@ class _ReleaseView:
 
 
 def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=jnp.float32,
-                     attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True):
-    """A ``Transformer`` from an orbax-form directory, in the requested ``layout``.
+                     attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True,
+                     mesh=None):
+    """A ``Transformer`` from an orbax-form directory, in the requested ``layout`` (split over ``mesh``
+    if given, as ``load_model`` does).
 
     Same layout as stored: leaves are restored and cast (``tid2eid`` to int32). Otherwise each
     parameter is built from the released tensors of the stored leaves exactly as ``load_model`` builds
@@ -691,6 +693,7 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
     """
     from v4jax.model.layers import WeightLayout
     from v4jax.model.transformer import Transformer
+    from v4jax.sharding import placer
     op = open_orbax(path)
     overrides = {k: v for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl)) if v is not None}
     cfg = from_hf_config(op.path, **overrides) if overrides else op.cfg
@@ -701,16 +704,18 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
     targets = _flatten(pure)
+    key_paths = {path_to_name(tuple(k.key for k in kp)): kp for kp, _ in jax.tree_util.tree_leaves_with_path(pure)}
+    place = placer(model, mesh)
     new = {}
     if layout == op.layout:
         stored = op.all()
         for name, t in tqdm(targets.items(), desc="loading", unit="leaf", disable=not progress):
-            new[name] = jnp.asarray(stored.pop(name).astype(t.dtype))
+            new[name] = place(key_paths[name], stored.pop(name).astype(t.dtype))
     else:
         view = _ReleaseView(op.cfg, op.leaves, op.leaf, op.path)
         validate(view, cfg)
         for name, t in tqdm(targets.items(), desc="loading", unit="leaf", disable=not progress):
-            new[name] = jnp.asarray(read_leaf(view, name, t, cfg.n_routed_experts))
+            new[name] = place(key_paths[name], read_leaf(view, name, t, cfg.n_routed_experts))
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)

@@ -108,11 +108,13 @@ class Experts(nnx.Module):
         """x ``[T, D]``, idx / w ``[T, k]`` -> Σ_k w·expert(x) ``[T, D]`` (x's dtype).
 
         Under a mesh (``jax.set_mesh``) whose ``expert`` axis has n > 1 devices, experts are
-        parallel. The token rows are split over ``data``, ``fsdp`` and ``expert`` (the expert axis is
-        also a data axis for everything but the routed experts). Each device gathers the rows of its
-        n expert-axis peers (``all_gather``), runs its E/n local experts on all of them, and each row's
-        partial sums go back to the device that owns the row, summed on the way (``psum_scatter``):
-        2·T·D·(n-1)/n elements moved per device, independent of top-k.
+        parallel, each device running its E/n local experts. In training the token rows are split
+        over ``data``, ``fsdp`` and ``expert`` (the expert axis is also a data axis for everything but
+        the routed experts): each device gathers the rows of its n expert-axis peers (``all_gather``)
+        and each row's partial sums go back to the device that owns the row, summed on the way
+        (``psum_scatter``): 2·T·D·(n-1)/n elements moved per device, independent of top-k. When the
+        rows do not divide that way (decoding a few tokens), they are split over ``data`` × ``fsdp``
+        only, or not at all, and the partial sums are added over ``expert`` (``psum``).
         """
         dt = x.dtype
         ws = [m.dequantized(dt) for m in (self.w1, self.w2, self.w3)]
@@ -123,18 +125,21 @@ class Experts(nnx.Module):
             return self._routed(x, idx, w, *ws, n_experts=E).astype(dt)
         if E % n:
             raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
-        row_axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape)
-        shards = math.prod(dict(mesh.shape)[a] for a in row_axes)
-        if x.shape[0] % shards:
-            raise ValueError(f"expert parallelism splits the {x.shape[0]} token rows over mesh axes {row_axes} "
-                             f"({shards} shards); the row count must be a multiple of that")
-        rows = P(row_axes)
+        sizes = dict(mesh.shape)
+        row_axes = next(axes for axes in (("data", "fsdp", "expert"), ("data", "fsdp"), ())
+                        if x.shape[0] % math.prod(sizes.get(a, 1) for a in axes) == 0)
+        row_axes = tuple(a for a in row_axes if a in sizes)
+        split = "expert" in row_axes
+        rows = P(row_axes) if row_axes else P()
 
         def local(x, idx, w, w1, w2, w3):
-            x, idx, w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, w))
+            if split:
+                x, idx, w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, w))
             first = jax.lax.axis_index("expert") * (E // n)
             y = self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n)
-            return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+            if split:
+                return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+            return jax.lax.psum(y, "expert")
 
         # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check.
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
