@@ -31,6 +31,23 @@ def test_cross_entropy_by_hand():
     assert abs(float(got) - (-math.log(0.75) + math.log(2.0)) / 2) < 1e-6
 
 
+@pytest.mark.parametrize("S,chunk_tokens", [(37, 24), (5, 4096), (8, 1)])
+def test_chunked_cross_entropy_equals_the_full_logits(S, chunk_tokens):
+    """Chunks of whole batch rows (ragged against S, longer than S, one position) give the loss and
+    gradients of cross_entropy on the full fp32 logits."""
+    from v4jax.model.layers import dot_f32
+    from v4jax.train_step import chunked_cross_entropy
+
+    B, D, V = 3, 16, 50
+    ks = jax.random.split(jax.random.key(1), 3)
+    u, w = jax.random.normal(ks[0], (B, S, D)), jax.random.normal(ks[1], (V, D))
+    t = jax.random.randint(ks[2], (B, S), 0, V)
+    full = jax.jit(jax.value_and_grad(lambda u, w: cross_entropy(dot_f32(u, w), t), argnums=(0, 1)))
+    chunked = jax.jit(jax.value_and_grad(lambda u, w: chunked_cross_entropy(u, w, t, chunk_tokens=chunk_tokens),
+                                         argnums=(0, 1)))
+    chex.assert_trees_all_close(chunked(u, w), full(u, w), rtol=1e-5, atol=1e-6)
+
+
 def test_sequence_balance_loss_by_hand():
     # one sequence, 2 tokens, 4 experts, top-2: token 0 -> {0, 1}, token 1 -> {0, 2}
     experts = jnp.array([[[0, 1], [0, 2]]])

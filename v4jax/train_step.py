@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from v4jax.config import ModelConfig, TrainConfig
+from v4jax.model.layers import dot_f32
 
 
 def cross_entropy(logits, targets):
@@ -22,6 +23,34 @@ def cross_entropy(logits, targets):
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.mean(logz - picked)
+
+
+LOSS_CHUNK_TOKENS = 2048  # tokens per step of chunked_cross_entropy: its logits are chunk × vocab floats
+
+
+def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKENS):
+    """``cross_entropy(dot_f32(u, w), targets)`` without ``[B, S, V]`` logits in memory.
+
+    u ``[B, S, D]`` head inputs, w ``[V, D]`` the head, targets int ``[B, S]``. The sequence is cut
+    into chunks of ``chunk_tokens // B`` positions (whole batch rows, so a batch split over devices
+    stays split); each chunk's fp32 logits are made, reduced to NLL and dropped, under
+    ``jax.checkpoint`` so the backward pass remakes them one chunk at a time too.
+    """
+    B, S, _ = u.shape
+    C = max(1, min(S, chunk_tokens // B))
+    n = -(-S // C)
+    pad = n * C - S
+    us = jnp.moveaxis(jnp.pad(u, ((0, 0), (0, pad), (0, 0))).reshape(B, n, C, -1), 1, 0)
+    ts = jnp.moveaxis(jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, C), 1, 0)
+
+    @jax.checkpoint
+    def one(args):
+        i, uc, tc = args
+        logits = dot_f32(uc, w)
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where((i * C + jnp.arange(C) < S)[None], nll, 0.0))  # padding adds nothing
+
+    return jnp.sum(jax.lax.map(one, (jnp.arange(n), us, ts))) / (B * S)
 
 
 def sequence_balance_loss(experts, scores, n_experts: int):
@@ -54,16 +83,19 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     metrics: ``loss`` (next-token CE), ``mtp_ce``, ``balance_loss``, ``indexer_kl``, ``total_loss``.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits, X, _, infos = model(inputs, train=True, remat=tcfg.remat)
-    ce = cross_entropy(logits, targets)
+    _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False)
+    head = model.head.weight[...]
+    ce = chunked_cross_entropy(model.head_inputs(X), head, targets)
     metrics = {"loss": ce}                     # the next-token cross-entropy
     loss = ce
     mtp_infos = []
     if cfg.num_nextn_predict_layers and tcfg.mtp_loss_weight > 0:
-        mtp, mtp_infos = model.mtp_logits(X, targets, train=True, remat=tcfg.remat)
+        states, mtp_infos = model.mtp_states(X, targets, train=True, remat=tcfg.remat)
         # MTP block j at position t predicts token t + 2 + j (drop positions past the sequence)
-        mtp_ce = jnp.mean(jnp.stack([cross_entropy(m[:, : m.shape[1] - 1 - j], tokens[:, 2 + j:])
-                                     for j, m in enumerate(mtp)]))
+        S = targets.shape[1]
+        mtp_ce = jnp.mean(jnp.stack([
+            chunked_cross_entropy(model.head_inputs(Xj[:, : S - 1 - j], owner=blk), head, tokens[:, 2 + j:])
+            for j, (blk, Xj) in enumerate(states)]))
         metrics["mtp_ce"] = mtp_ce
         loss = loss + tcfg.mtp_loss_weight * mtp_ce
     scored = _score_layers(cfg, infos, mtp_infos)

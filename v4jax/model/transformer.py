@@ -119,17 +119,22 @@ class Transformer(nnx.Module):
         h = self.embed(tokens)
         return jnp.broadcast_to(h[..., None, :], (*h.shape[:-1], self.cfg.hc_mult, h.shape[-1]))
 
-    def logits_from_state(self, X, owner=None):
-        """Final state ``[..., hc, D]`` -> fp32 logits ``[..., V]`` through ``owner``'s hc_head and norm."""
+    def head_inputs(self, X, owner=None):
+        """Final state ``[..., hc, D]`` -> the head's input ``[..., D]`` through ``owner``'s hc_head and norm."""
         owner = owner or self
         u = hc_head(X, owner.hc_head_fn[...], owner.hc_head_base[...], owner.hc_head_scale[...],
                     hc_eps=self.cfg.hc_eps, norm_eps=self.cfg.rms_norm_eps, dtype=self.numerics.dtype)
-        return dot_f32(owner.norm(u), self.head.weight[...])
+        return owner.norm(u)
+
+    def logits_from_state(self, X, owner=None):
+        """Final state ``[..., hc, D]`` -> fp32 logits ``[..., V]`` (``head_inputs`` @ headᵀ)."""
+        return dot_f32(self.head_inputs(X, owner), self.head.weight[...])
 
     # ------------------------------------------------------------------ full sequences
-    def __call__(self, tokens, *, max_len: int | None = None, train: bool = False, remat: bool = False):
-        """tokens ``[B, S]`` (positions 0 … S-1) -> (logits fp32 ``[B, S, V]``, final state
-        ``[B, S, hc, D]``, per-layer caches (``max_len`` given) or None, per-layer info).
+    def __call__(self, tokens, *, max_len: int | None = None, train: bool = False, remat: bool = False,
+                 logits: bool = True):
+        """tokens ``[B, S]`` (positions 0 … S-1) -> (logits fp32 ``[B, S, V]`` (None without ``logits``),
+        final state ``[B, S, hc, D]``, per-layer caches (``max_len`` given) or None, per-layer info).
 
         ``train``: also compute training-only losses (indexer KL); ``remat``: recompute each block's
         activations in the backward pass instead of storing them.
@@ -140,20 +145,26 @@ class Transformer(nnx.Module):
             X, c, info = _run_block(layer, X, tokens, max_len, train, remat)
             caches.append(c)
             infos.append(info)
-        return self.logits_from_state(X), X, (caches if max_len is not None else None), infos
+        return (self.logits_from_state(X) if logits else None), X, (caches if max_len is not None else None), infos
 
-    def mtp_logits(self, X, next_tokens, *, train: bool = False, remat: bool = False):
+    def mtp_states(self, X, next_tokens, *, train: bool = False, remat: bool = False):
         """MTP blocks on the main final state X ``[B, S, hc, D]`` with ``next_tokens = tokens[:, 1:S+1]``.
 
-        Block j feeds on block j-1's output state. Returns (list of fp32 logits ``[B, S, V]``, infos).
+        Block j feeds on block j-1's output state. Returns (list of (block, its final state), infos).
         """
         e = self.embed(next_tokens)
         out, infos = [], []
         for blk in self.mtp:
             X, _, info = _run_block(blk, blk.inputs(X, e), next_tokens, None, train, remat)
-            out.append(self.logits_from_state(X, owner=blk))
+            out.append((blk, X))
             infos.append(info)
         return out, infos
+
+    def mtp_logits(self, X, next_tokens, *, train: bool = False, remat: bool = False):
+        """``mtp_states``' states through each block's hc_head / norm and the shared head: (list of fp32
+        logits ``[B, S, V]``, infos)."""
+        states, infos = self.mtp_states(X, next_tokens, train=train, remat=remat)
+        return [self.logits_from_state(Xj, owner=blk) for blk, Xj in states], infos
 
     # ------------------------------------------------------------------ decoding
     def prefill(self, tokens, max_len: int):
