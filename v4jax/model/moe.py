@@ -141,7 +141,8 @@ class Experts(nnx.Module):
                 return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
             return jax.lax.psum(y, "expert")
 
-        # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check.
+        # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check, and with it
+        # JAX 0.10 lost the sum over `expert` of the x / w cotangents of the psum form.
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
                              out_specs=rows, check_vma=False)(x, idx, w, *ws).astype(dt)
 
