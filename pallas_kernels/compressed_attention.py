@@ -19,7 +19,8 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
       kv: [B, T, D] raw key/values; ``kv[:, i]`` is position ``kv_start + i``.
       ckv: [B, N, D] compressed entries; query t sees entries j < (t+1)//ratio.
       sink: [H] float32 sink logits (denominator only).
-      window, ratio, scale: see above; q_start, kv_start may be traced int scalars.
+      window, ratio, scale: see above; q_start, kv_start: int or int32 scalars >= 0 (may be traced;
+        a traced value is not checked).
       interpret, backend: as in ``sparse_attention``.
     Returns:
       [B, S, H, D] in q's dtype.

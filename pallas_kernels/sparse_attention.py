@@ -24,7 +24,7 @@ def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q
       sink: [H] float32 sink logits (denominator only).
       window: a query at t sees kv positions t-window < p <= t.
       scale: score scale.
-      q_start, kv_start: int or int32 scalar (may be traced).
+      q_start, kv_start: int or int32 scalars >= 0 (may be traced; a traced value is not checked).
       interpret: run the Pallas kernel in interpret mode (any platform, slow).
       backend: None (by ``jax.default_backend()``), "triton", "mosaic" or "xla" (reference).
     Returns:

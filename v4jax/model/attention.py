@@ -206,8 +206,11 @@ class Attention(nnx.Module):
         B, W = q.shape[0], self.window
         scale, sink = self.head_dim ** -0.5, self.attn_sink[...]
         if self.impl == "pallas":  # the prefill kernels with one query: ring rows put in position order
-            kv = jnp.take(win_kv, (t - W + 1 + jnp.arange(W)) % W, axis=1).astype(q.dtype)
-            kw = dict(window=W, scale=scale, q_start=t, kv_start=t - W + 1, **layers.kernel_kw())
+            # positions start … start+W-1 (the kernels need start >= 0; before the ring is full the rows
+            # past t are empty slots that causality masks)
+            start = jnp.maximum(t - W + 1, 0)
+            kv = jnp.take(win_kv, (start + jnp.arange(W)) % W, axis=1).astype(q.dtype)
+            kw = dict(window=W, scale=scale, q_start=t, kv_start=start, **layers.kernel_kw())
             if self.ratio == 0:
                 return pallas_kernels.window_attention(q, kv, sink, **kw)
             if self.ratio == 4:
