@@ -30,7 +30,8 @@ from pallas_kernels import _core, _gmm, reference
 
 class Layout(NamedTuple):
     """Tile layout of M sorted rows: see the module docstring."""
-    dest: jax.Array        # int32 [M]: row of each input row in the tiled buffer (n_tiles*bm = dropped)
+    dest: jax.Array        # int32 [M]: row of each input row in the tiled buffer (>= n_tiles*bm: dropped)
+    src: jax.Array         # int32 [n_tiles*bm]: input row of each tiled row (>= M: a zero row)
     tile_group: jax.Array  # int32 [n_tiles]: group of each tile, -1 = unused
     tile_start: jax.Array  # int32 [E]: first tile of each group
     tile_count: jax.Array  # int32 [E]: tiles of each group
@@ -58,9 +59,20 @@ def tile_layout(group_sizes, M: int, bm: int) -> Layout:
     rows = jnp.arange(M, dtype=jnp.int32)
     g = jnp.searchsorted(ends, rows, side="right")
     gc = jnp.minimum(g, E - 1)
-    dest = jnp.where(g < E, tile_start[gc] * bm + rows - starts[gc], n_tiles * bm)
-    return Layout(dest.astype(jnp.int32), tile_group, tile_start.astype(jnp.int32),
+    # dest and src are inverse permutations on the rows that are used; every other entry points
+    # past the end at a distinct place, so both row gathers (and the scatter-adds that are their
+    # gradients) have unique indices: no atomics, and none of the id bookkeeping JAX's
+    # differentiation of a scatter with possibly repeated indices adds.
+    slots = n_tiles * bm
+    dest = jnp.where(g < E, tile_start[gc] * bm + rows - starts[gc], slots + rows)
+    src = (M + jnp.arange(slots, dtype=jnp.int32)).at[dest].set(rows, mode="drop", unique_indices=True)
+    return Layout(dest.astype(jnp.int32), src, tile_group, tile_start.astype(jnp.int32),
                   jnp.minimum(tiles, n_tiles).astype(jnp.int32), bm, n_tiles)
+
+
+def _rows(a, idx):
+    """``a[idx]`` along axis 0, zero rows where idx is out of range; idx has no repeats."""
+    return a.at[idx].get(mode="fill", fill_value=0, unique_indices=True)
 
 
 class _Static(NamedTuple):
@@ -139,8 +151,7 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool 
     edge = _gmm.block_edge(dt)
     Kp, Np = _padded_dim(K, edge), _padded_dim(N, edge)
     lay = tile_layout(group_sizes, M, row_tile(M, E))
-    xt = jnp.zeros((lay.n_tiles * lay.bm, Kp), dt).at[lay.dest].set(
-        _pad(x.astype(dt), (M, Kp)), mode="drop")
+    xt = _rows(_pad(x.astype(dt), (M, Kp)), lay.src)
     out = _tiled(_Static(lay.bm, jnp.dtype(out_dtype).name, bool(interpret)), xt,
                  _pad(w.astype(dt), (E, Np, Kp)), lay.tile_group, lay.tile_start, lay.tile_count)
-    return jnp.take(out, lay.dest, axis=0, mode="fill", fill_value=0)[:, :N]
+    return _rows(out, lay.dest)[:, :N]

@@ -86,7 +86,8 @@ def test_mixed_dtypes_compute_in_promoted_type():
 
 @pytest.mark.parametrize("sizes,bm", [([5, 0, 40, 1], 16), ([0, 0, 0], 16), ([300, 2], 128)])
 def test_tile_layout(sizes, bm):
-    """Each tile holds the rows of one group only, in order; no two rows share a slot."""
+    """Each tile holds the rows of one group only, in order; no two rows share a slot; ``src`` inverts
+    ``dest`` on the used slots, and neither repeats an index (so their gathers need no atomics)."""
     M = max(sum(sizes), 1)
     lay = tile_layout(jnp.asarray(sizes, jnp.int32), M, bm)
     dest, tg = np.asarray(lay.dest), np.asarray(lay.tile_group)
@@ -97,6 +98,13 @@ def test_tile_layout(sizes, bm):
     assert np.all(np.diff(dest[live]) > 0)
     np.testing.assert_array_equal(np.asarray(lay.tile_count), -(-np.asarray(sizes) // bm))
     assert (tg >= 0).sum() == np.asarray(lay.tile_count).sum() <= lay.n_tiles
+    src = np.asarray(lay.src)
+    assert src.shape == (lay.n_tiles * bm,)
+    np.testing.assert_array_equal(src[dest[live]], np.flatnonzero(live))
+    unused = np.ones(src.size, bool)
+    unused[dest[live]] = False
+    assert np.all(src[unused] >= M)
+    assert len(set(dest)) == dest.size and len(set(src)) == src.size
 
 
 def test_row_tile_follows_rows_per_group():

@@ -170,7 +170,11 @@ class Experts(nnx.Module):
         if self.numerics.qat:
             h = quant.fake_quant_fp8(h, 128)
         ys = grouped(h, w2)
-        y = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)
+        # back to (token, slot) order: a gather by the inverse permutation (unique indices), whose
+        # gradient is a plain scatter; differentiating a scatter instead costs index bookkeeping
+        # as large as the rows
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype), unique_indices=True)
+        y = ys.at[inverse].get(unique_indices=True).reshape(T, k, -1)
         return jnp.sum(y, axis=1)
 
 
