@@ -136,3 +136,22 @@ def test_expert_parallel_matches_one_device(impl):
     out = subprocess.run([sys.executable, "-c", _EP_SCRIPT, impl], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("expert_dtype,mode", [("fp4", "exact"), ("fp8", "exact"), ("fp4", "qat")])
+def test_few_pairs_dequantise_only_the_picked_experts(tmp_path, expert_dtype, mode):
+    """Quantised experts with fewer token-expert pairs than experts (decoding) gather and dequantise only
+    the picked experts' matrices; the output equals the dequantise-all path (here: float weights)."""
+    from conftest import write_random_checkpoint
+    from v4jax.hf.checkpoint import load_model
+
+    cfg = small_config(expert_dtype=expert_dtype, n_routed_experts=8, hidden_size=128)
+    write_random_checkpoint(tmp_path, cfg)
+    quantised = load_model(tmp_path, mode=mode, layout="released", progress=False).layers[1].ffn  # score-routed
+    dense = load_model(tmp_path, mode=mode, layout="float", progress=False).layers[1].ffn
+    for tokens, picked in ((3, True), (4, False)):  # 3·2 pairs < 8 experts; 4·2 = 8 do not
+        x = jax.random.normal(jax.random.key(tokens), (1, tokens, cfg.hidden_size))
+        ids = jnp.zeros((1, tokens), jnp.int32)
+        jaxpr = str(jax.make_jaxpr(lambda x: quantised(x, ids)[0])(x))
+        assert ("ragged_dot" not in jaxpr) == picked
+        chex.assert_trees_all_close(quantised(x, ids)[0], dense(x, ids)[0], rtol=1e-5, atol=1e-5)

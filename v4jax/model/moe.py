@@ -84,11 +84,20 @@ class ExpertWeight(nnx.Module):
         else:
             raise ValueError(f"unknown expert weight format {fmt!r}")
 
+    def stored(self) -> tuple:
+        """The arrays as stored, each ``[E, ...]``: (weight,) or, quantised, (weight, scale)."""
+        return (self.weight[...],) if self.fmt == "float" else (self.weight[...], self.scale[...])
+
+    def dequantize(self, stored: tuple, dtype, experts=None):
+        """Quantised ``stored`` arrays -> ``[E, out, in]`` in dtype; with ``experts`` (int ``[P]``) only
+        those experts' matrices, ``[P, out, in]``, and only they are dequantised."""
+        if experts is not None:
+            stored = tuple(jnp.take(a, experts, axis=0) for a in stored)
+        return (quant.dequant_fp4 if self.fmt == "fp4" else quant.dequant_fp8)(*stored, dtype)
+
     def dequantized(self, dtype):
-        if self.fmt == "fp4":
-            return quant.dequant_fp4(self.weight[...], self.scale[...], dtype)
-        if self.fmt == "fp8":
-            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
+        if self.fmt != "float":
+            return self.dequantize(self.stored(), dtype)
         w = self.weight[...]
         if self.fp4_qat:  # forward sees the FP4 grid, the gradient passes straight through
             w = quant.straight_through(w, lambda v: quant.fake_quant_fp4(v, quant.FP4_BLOCK))
@@ -117,12 +126,18 @@ class Experts(nnx.Module):
         only, or not at all, and the partial sums are added over ``expert`` (``psum``).
         """
         dt = x.dtype
-        ws = [m.dequantized(dt) for m in (self.w1, self.w2, self.w3)]
-        E = ws[0].shape[0]
+        mats = (self.w1, self.w2, self.w3)
+        E = self.w1.weight.shape[0]
+        # Quantised experts and fewer token-expert pairs than experts (decoding): dequantise only the
+        # experts the pairs pick, instead of all E every step.
+        if self.w1.fmt != "float" and idx.size < E:
+            ws, routed = [m.stored() for m in mats], self._picked
+        else:
+            ws, routed = [m.dequantized(dt) for m in mats], self._routed
         mesh = jax.sharding.get_abstract_mesh()
         n = 0 if mesh.empty else dict(mesh.shape).get("expert", 1)
         if n <= 1:
-            return self._routed(x, idx, w, *ws, n_experts=E).astype(dt)
+            return routed(x, idx, w, *ws, n_experts=E).astype(dt)
         if E % n:
             raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
         sizes = dict(mesh.shape)
@@ -136,7 +151,7 @@ class Experts(nnx.Module):
             if split:
                 x, idx, w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, w))
             first = jax.lax.axis_index("expert") * (E // n)
-            y = self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n)
+            y = routed(x, idx - first, w, w1, w2, w3, n_experts=E // n)
             if split:
                 return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
             return jax.lax.psum(y, "expert")
@@ -145,6 +160,29 @@ class Experts(nnx.Module):
         # JAX 0.10 lost the sum over `expert` of the x / w cotangents of the psum form.
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
                              out_specs=rows, check_vma=False)(x, idx, w, *ws).astype(dt)
+
+    def _picked(self, x, idx, w, q1, q2, q3, *, n_experts: int):
+        """``_routed`` for a few pairs with quantised weights ``q1, q2, q3`` (``ExpertWeight.stored()``):
+        each (token, slot) pair's expert matrices are gathered still quantised, dequantised, and
+        applied to that pair's row; the same products as ``_routed``."""
+        T, k = idx.shape
+        dt, prec = x.dtype, self.numerics.precision
+        if self.numerics.qat:
+            x = quant.fake_quant_fp8(x, 128)
+        flat = idx.reshape(-1)
+        here = (flat >= 0) & (flat < n_experts)
+        e = jnp.where(here, flat, 0)
+        w1, w2, w3 = (m.dequantize(q, dt, e) for m, q in zip((self.w1, self.w2, self.w3), (q1, q2, q3)))
+
+        def mm(rows, mats):  # [P, in] x [P, out, in] -> [P, out] float32
+            return jnp.einsum("pi,poi->po", rows, mats, precision=prec, preferred_element_type=jnp.float32)
+
+        xs = jnp.repeat(x, k, axis=0)
+        h = swiglu(mm(xs, w1), mm(xs, w3), self.limit)
+        h = (h * jnp.where(here, w.reshape(-1), 0.0)[:, None]).astype(dt)
+        if self.numerics.qat:
+            h = quant.fake_quant_fp8(h, 128)
+        return jnp.sum(mm(h, w2).reshape(T, k, -1), axis=1)
 
     def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int):
         """The experts ``0 … n_experts-1`` of stacked weights ``[n_experts, out, in]``, float32 ``[T, D]``;
