@@ -320,8 +320,11 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
     def rel(a):
         return np.median(np.linalg.norm(a - exact, axis=-1) / np.linalg.norm(exact, axis=-1))
 
+    def flips(a):  # positions whose top token differs from the trained model's fp32 one
+        return int((a.argmax(-1) != exact.argmax(-1)).sum())
+
     assert rel(reloaded) <= 1.5 * rel(bf16), (rel(reloaded), rel(bf16))
-    assert (reloaded.argmax(-1) == exact.argmax(-1)).mean() >= 0.95
+    assert flips(reloaded) <= 1.5 * flips(bf16) + 1, (flips(reloaded), flips(bf16))
 
 
 def _read_all(path):

@@ -61,8 +61,7 @@ class GroupedLinear(nnx.Module):
     def __call__(self, o):
         """o ``[..., G, H·hd/G]`` -> ``[..., G·r]``."""
         w = self.dequantized(o.dtype)
-        y = jnp.einsum("...gi,gri->...gr", o, w, precision=self.numerics.precision,
-                       preferred_element_type=jnp.float32).astype(o.dtype)
+        y = jnp.einsum("...gi,gri->...gr", o, w, precision=self.numerics.precision)  # fp32 accumulation, as dot
         return y.reshape(*y.shape[:-2], -1)
 
 

@@ -96,10 +96,14 @@ def kernel_kw() -> dict:
 
 
 def dot(x, w, numerics: Numerics, out_dtype=None):
-    """``x @ w.T`` with ``w [out, in]``; fp32 accumulation, output in ``out_dtype`` (default: x's dtype)."""
-    out = jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=numerics.precision,
-                     preferred_element_type=jnp.float32)
-    return out.astype(out_dtype or x.dtype)
+    """``x @ w.T`` with ``w [out, in]``; fp32 accumulation, output in ``out_dtype`` (default: x's dtype).
+
+    The output is the matmul's own result type (XLA accumulates bf16 products in fp32 on every
+    backend), not an fp32 result cast afterwards: so the backward pass's matmuls get a cotangent in
+    x's dtype and run in it too, rather than in fp32.
+    """
+    return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype), precision=numerics.precision,
+                      preferred_element_type=out_dtype or x.dtype)
 
 
 def dot_f32(x, w):
