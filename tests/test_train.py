@@ -152,6 +152,10 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(TINY, ["data.seq_len=-4"])
     with pytest.raises(ConfigError, match="unknown section"):
         load_config(TINY, ["trian.steps=3"])
+    with pytest.raises(ConfigError, match=r"train.head_precision: must be one of \['fp32', 'bf16x6'"):
+        load_config(TINY, ["train.head_precision=tf32"])
+    with pytest.raises(ConfigError, match="train.head_precision=bf16x3 needs train.mode=production"):
+        load_config(TINY, ["train.head_precision=bf16x3", "train.mode=exact"])
     from v4jax.sharding import mesh_shape
     from v4jax.config import MeshConfig
     with pytest.raises(ConfigError, match="devices"):
@@ -279,14 +283,22 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
     batch = jax.ShapeDtypeStruct((2, 1025), jnp.int32)
     step = make_train_step(graphdef, m, t, tx, learning_rate_schedule(cfg.optimizer))
 
-    def kernels(f, *args):
-        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    def lowered(f, *args):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    def kernels(text):
         return set(re.findall(r'name = "(v4_\w+)"', text))
 
-    assert kernels(step, state, batch) >= {
+    text = lowered(step, state, batch)
+    assert kernels(text) >= {
         "v4_window_attention_fwd", "v4_window_attention_dq", "v4_window_attention_dkv", "v4_csa_attention_fwd",
         "v4_csa_attention_dq", "v4_hca_attention_fwd", "v4_hca_attention_dq", "v4_hca_attention_dkv",
         "v4_gmm", "v4_tgmm"}
+    # small.yaml's train.head_precision: bf16x3: every matmul with the vocabulary as a dimension (the
+    # head's forward, its input gradient and its weight gradient, main and MTP) runs as 3 bf16 passes
+    assert t.head_precision == "bf16x3"
+    head_dots = [line for line in text.splitlines() if "dot_general" in line and f"x{m.vocab_size}x" in line]
+    assert len(head_dots) >= 3 and all("num_primitive_operations = 3" in d for d in head_dots), head_dots[:3]
 
     tokens = jax.ShapeDtypeStruct((2, 300), jnp.int32)
 
@@ -295,5 +307,15 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
         logits, cache, _ = model.prefill(tokens, 512)
         return logits, model.decode(tokens[:, -1], cache)[0]
 
-    assert kernels(prefill_decode, params, rest, tokens) >= {
+    assert kernels(lowered(prefill_decode, params, rest, tokens)) >= {
         "v4_window_attention_fwd", "v4_csa_attention_fwd", "v4_hca_attention_fwd", "v4_indexer_scores", "v4_gmm"}
+
+
+def test_head_benchmark_smoke_runs():
+    """benchmarks/head.py --smoke prints a row per train.head_precision: the script keeps working."""
+    script = REPO / "benchmarks" / "head.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--reps", "1"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0] for line in out.stdout.splitlines()[3:]}
+    assert rows == {"fp32", "bf16x6", "bf16x3", "bf16"}, out.stdout

@@ -383,6 +383,10 @@ class TrainConfig:
     fp8_weight_qat: bool = False              # fake-quantise the release's FP8 layers' weights (STE)
     peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
     remat: bool = False                       # recompute each block in the backward pass
+    # the loss's head matmuls (main and MTP, forward and backward; SPEC: fp32): "fp32" true fp32
+    # products; "bf16x6" / "bf16x3" / "bf16": that many bf16 tensor-core passes (x6 ~ fp32 accuracy,
+    # x3 ~ 1e-5 relative, 1 pass ~ 4e-3), production mode only. XLA:CPU computes all of them in fp32.
+    head_precision: Literal["fp32", "bf16x6", "bf16x3", "bf16"] = "fp32"
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -390,6 +394,9 @@ class TrainConfig:
         for k in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed", "indexer_loss_weight"):
             _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
         _check(self.peak_tflops is None or self.peak_tflops > 0, f"train.peak_tflops must be > 0, got {self.peak_tflops}")
+        _check(self.head_precision == "fp32" or self.mode == "production",
+               f"train.head_precision={self.head_precision} needs train.mode=production "
+               f"(mode {self.mode} computes the head in fp32)")
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,28 @@ def cross_entropy(logits, targets):
 
 LOSS_CHUNK_TOKENS = 2048  # tokens per step of chunked_cross_entropy: its logits are chunk × vocab floats
 
+# train.head_precision -> the dot algorithm of the head matmuls. On a GPU "fp32" (Precision.HIGHEST)
+# is fp32 arithmetic without tensor cores; the presets split each fp32 operand into bf16 pieces and
+# run that many tensor-core products (XLA:CPU ignores them and computes in fp32).
+HEAD_PRECISION = {
+    "fp32": jax.lax.Precision.HIGHEST,
+    "bf16x6": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    "bf16x3": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16": jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+}
 
-def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKENS):
-    """``cross_entropy(dot_f32(u, w), targets)`` without ``[B, S, V]`` logits in memory.
+
+def head_logits(u, w, precision: str = "fp32"):
+    """fp32 logits ``u @ w.T`` (u ``[..., D]``, w ``[V, D]``), products per ``HEAD_PRECISION[precision]``;
+    the backward pass's matmuls use the same algorithm."""
+    if precision == "fp32":
+        return dot_f32(u, w)
+    return jnp.einsum("...i,oi->...o", u.astype(jnp.float32), w.astype(jnp.float32),
+                      precision=HEAD_PRECISION[precision], preferred_element_type=jnp.float32)
+
+
+def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKENS, precision: str = "fp32"):
+    """``cross_entropy(head_logits(u, w, precision), targets)`` without ``[B, S, V]`` logits in memory.
 
     u ``[B, S, D]`` head inputs, w ``[V, D]`` the head, targets int ``[B, S]``. The sequence is cut
     into chunks of ``chunk_tokens // B`` positions (whole batch rows, so a batch split over devices
@@ -46,7 +65,7 @@ def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKEN
     @jax.checkpoint
     def one(args):
         i, uc, tc = args
-        logits = dot_f32(uc, w)
+        logits = head_logits(uc, w, precision)
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where((i * C + jnp.arange(C) < S)[None], nll, 0.0))  # padding adds nothing
 
@@ -85,7 +104,7 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False)
     head = model.head.weight[...]
-    ce = chunked_cross_entropy(model.head_inputs(X), head, targets)
+    ce = chunked_cross_entropy(model.head_inputs(X), head, targets, precision=tcfg.head_precision)
     metrics = {"loss": ce}                     # the next-token cross-entropy
     loss = ce
     mtp_infos = []
@@ -94,7 +113,8 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
         # MTP block j at position t predicts token t + 2 + j (drop positions past the sequence)
         S = targets.shape[1]
         mtp_ce = jnp.mean(jnp.stack([
-            chunked_cross_entropy(model.head_inputs(Xj[:, : S - 1 - j], owner=blk), head, tokens[:, 2 + j:])
+            chunked_cross_entropy(model.head_inputs(Xj[:, : S - 1 - j], owner=blk), head, tokens[:, 2 + j:],
+                                  precision=tcfg.head_precision)
             for j, (blk, Xj) in enumerate(states)]))
         metrics["mtp_ce"] = mtp_ce
         loss = loss + tcfg.mtp_loss_weight * mtp_ce
