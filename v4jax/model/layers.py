@@ -106,8 +106,37 @@ def dot(x, w, numerics: Numerics, out_dtype=None):
                       preferred_element_type=out_dtype or x.dtype)
 
 
+def bf16_passes() -> bool:
+    """Whether ``dot_f32`` applies a weight stored in bf16 as bf16 matmuls (GPU / TPU tensor cores) or
+    upcasts it (CPU, where bf16 matmuls are no faster)."""
+    return jax.default_backend() != "cpu"
+
+
+def split_bf16(x):
+    """float32 x -> three bfloat16 arrays whose float32 sum is exactly x (for normal-range values): x's 24
+    significant bits in three runs of 8. The runs are cut with bit masks, not float conversions, so no
+    compiler pass can fold the split away as excess precision."""
+    parts = []
+    for _ in range(2):
+        lead = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+        parts.append(lead.astype(jnp.bfloat16))   # exact: 8 significant bits
+        x = x - lead                               # exact: the bits below
+    return parts + [x.astype(jnp.bfloat16)]
+
+
 def dot_f32(x, w):
-    """An fp32 island: both operands upcast, true fp32 products."""
+    """An fp32 island: ``x @ w.T`` with fp32-accurate products and fp32 accumulation.
+
+    A weight stored in bf16 (the release's head, gate) on a GPU / TPU is not upcast: x is split into
+    three bf16 parts that sum to it exactly and each part is multiplied by w in bf16 with fp32
+    accumulation, so every product is exact (as in fp32) but runs on tensor cores and reads w in bf16.
+    Otherwise both operands are upcast (``Precision.HIGHEST``).
+    """
+    if w.dtype == jnp.bfloat16 and bf16_passes():
+        y = [jnp.einsum("...i,oi->...o", p, w, preferred_element_type=jnp.float32)
+             for p in split_bf16(x.astype(jnp.float32))]
+        return y[0] + (y[1] + y[2])
     return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
 
 
