@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from v4jax.hf.checkpoint import load_model
@@ -45,6 +46,10 @@ def test_bf16_weight_passes_are_as_accurate_as_fp32(monkeypatch):
     # fp32 accumulation rounding only: the same size as the upcast path's, far below bf16 (~2e-3)
     assert err(passes) <= 2 * err(fp32) + 1e-8, (err(passes), err(fp32))
     assert err(passes) < 1e-6
+    xb = x.astype(jnp.bfloat16)  # production activations: one bf16 matmul, products exact
+    exact_b = np.asarray(xb, np.float64) @ np.asarray(w, np.float64).T
+    got = np.asarray(dot_f32(xb, w), np.float64)
+    assert np.median(np.abs(got - exact_b) / np.abs(exact_b).mean()) < 1e-6
 
 
 def test_released_model_logits_with_bf16_passes(golden, monkeypatch):
@@ -59,13 +64,15 @@ def test_released_model_logits_with_bf16_passes(golden, monkeypatch):
     chex.assert_trees_all_close(passes, fp32, rtol=1e-5, atol=1e-5 * float(jnp.abs(fp32).max()))
 
 
-def test_decode_lowers_for_gpu_without_an_fp32_head(monkeypatch):
-    """Released layout, production mode, decode step lowered for ``cuda``: the head is multiplied
-    in bf16 (three matmuls against the bf16 [V, D] weight) and never converted to fp32."""
+@pytest.mark.parametrize("mode, matmuls", [("production", 1), ("exact", 3)])
+def test_decode_lowers_for_gpu_without_an_fp32_head(monkeypatch, mode, matmuls):
+    """Released layout, decode step lowered for ``cuda``: the head is multiplied in bf16 against the
+    bf16 [V, D] weight (production: the bf16 activations once; exact: the three parts of the fp32
+    ones) and never converted to fp32."""
     monkeypatch.setattr(layers, "bf16_passes", lambda: True)
     cfg = small_config(vocab_size=1000, hidden_size=128, moe_intermediate_size=64)
     V, D = cfg.vocab_size, cfg.hidden_size
-    model = nnx.eval_shape(lambda: Transformer(cfg, mode="production", layout=WeightLayout.released(cfg)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=WeightLayout.released(cfg)))
     graphdef, state = nnx.split(model)
 
     def decode(state, token):
@@ -75,5 +82,5 @@ def test_decode_lowers_for_gpu_without_an_fp32_head(monkeypatch):
     text = jax.jit(decode).trace(state, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     head = [l for l in text.splitlines() if "dot_general" in l and f"tensor<{V}x{D}xbf16>" in l]
-    assert len(head) == 3, head
+    assert len(head) == matmuls, head
     assert f"tensor<{V}x{D}xf32>" not in text

@@ -128,15 +128,16 @@ def split_bf16(x):
 def dot_f32(x, w):
     """An fp32 island: ``x @ w.T`` with fp32-accurate products and fp32 accumulation.
 
-    A weight stored in bf16 (the release's head, gate) on a GPU / TPU is not upcast: x is split into
-    three bf16 parts that sum to it exactly and each part is multiplied by w in bf16 with fp32
-    accumulation, so every product is exact (as in fp32) but runs on tensor cores and reads w in bf16.
-    Otherwise both operands are upcast (``Precision.HIGHEST``).
+    A weight stored in bf16 (the release's head, gate) on a GPU / TPU is not upcast: a bf16 x (the
+    production activations) is multiplied by it in bf16 with fp32 accumulation; an fp32 x is split
+    into three bf16 parts that sum to it exactly, each multiplied so. Every product is exact, as in
+    fp32, but runs on tensor cores and reads w in bf16. Otherwise both operands are upcast
+    (``Precision.HIGHEST``).
     """
     if w.dtype == jnp.bfloat16 and bf16_passes():
-        y = [jnp.einsum("...i,oi->...o", p, w, preferred_element_type=jnp.float32)
-             for p in split_bf16(x.astype(jnp.float32))]
-        return y[0] + (y[1] + y[2])
+        parts = [x] if x.dtype == jnp.bfloat16 else split_bf16(x.astype(jnp.float32))
+        y = [jnp.einsum("...i,oi->...o", p, w, preferred_element_type=jnp.float32) for p in parts]
+        return y[0] if len(y) == 1 else y[0] + (y[1] + y[2])
     return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
 
 
