@@ -4,8 +4,6 @@ CPU runs take the upcast path; these tests force the bf16 path (``layers.bf16_pa
 that it gives fp32-accurate products on any backend and lowers for ``cuda`` without an fp32 copy
 of the weight.
 """
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
