@@ -22,6 +22,7 @@ from v4jax.hf.names import expected_tensors
 from v4jax.hf.safetensors import INDEX_FILE, CheckpointError, SafetensorsReader
 from v4jax.model.layers import WeightLayout
 from v4jax.model.transformer import Transformer
+from v4jax.train_step import round_bf16_tensors
 
 # Configs the golden checkpoint does not cover: mHC width, compression ratios, window, top-k, hash
 # layers, MTP depth and the unquantised (all-BF16) release form.
@@ -285,7 +286,8 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
     exported to the released HF form and reloaded, gives the logits it gave in training within bf16
     tolerance. The FP8 / FP4 tensors are exact (training saw the same grid); what remains is the BF16
     rounding of the tensors the release stores in BF16 (norms, gate, compressor, embedding, head). The
-    tolerance is the trained model's own bf16 one: its production-mode logits against fp32 ones."""
+    tolerance is the trained model's own bf16 one: its production-mode logits against fp32 ones. With
+    ``train.bf16_weight_qat`` (tiny.yaml) training rounds those too, and the reload equals it."""
     from v4jax.checkpoint import load_train_params
     from v4jax.config import load_config
     from v4jax.tokenizer import TINY_TOKENIZER
@@ -299,7 +301,7 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
     train(run, work, progress=False)
     cfg, params, _ = load_train_params(work)
 
-    def trained(mode):
+    def trained(mode, params=params):
         m = Transformer(cfg, mode=mode, rngs=nnx.Rngs(1), fp4_expert_qat=True, fp8_weight_qat=True)
         state = nnx.state(m)
         nnx.replace_by_pure_dict(state, params)
@@ -325,6 +327,16 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
 
     assert rel(reloaded) <= 1.5 * rel(bf16), (rel(reloaded), rel(bf16))
     assert flips(reloaded) <= 1.5 * flips(bf16) + 1, (flips(reloaded), flips(bf16))
+    # tiny.yaml trains with train.bf16_weight_qat too: its forward rounds the BF16 tensors as the export
+    # does, so the reloaded release computes exactly what training computed
+    assert run.train.bf16_weight_qat
+    as_trained = np.asarray(forward(trained("exact", round_bf16_tensors(params, cfg)), tokens), np.float64)
+    assert rel(reloaded) > 1e-4                               # the rounding matters, and is reproduced:
+    assert np.max(_rel_err(reloaded, as_trained)) < 1e-5       # (bit-identical on CPU)
+
+
+def _rel_err(a, b):
+    return np.linalg.norm(a - b, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
 def _read_all(path):

@@ -269,6 +269,7 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
     from v4jax.train_step import make_train_step
 
     monkeypatch.setattr(layers, "kernel_kw", lambda: {"backend": "triton"})
+    monkeypatch.setattr(layers, "bf16_passes", lambda: True)  # as on a GPU
     cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=2",
                                                                "model.num_hidden_layers=4",
                                                                "model.compress_ratios=[0,4,128,0,4]"])
@@ -294,11 +295,13 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
         "v4_window_attention_fwd", "v4_window_attention_dq", "v4_window_attention_dkv", "v4_csa_attention_fwd",
         "v4_csa_attention_dq", "v4_hca_attention_fwd", "v4_hca_attention_dq", "v4_hca_attention_dkv",
         "v4_gmm", "v4_tgmm"}
-    # small.yaml's train.head_precision: bf16x3: every matmul with the vocabulary as a dimension (the
-    # head's forward, its input gradient and its weight gradient, main and MTP) runs as 3 bf16 passes
-    assert t.head_precision == "bf16x3"
+    # small.yaml's train.bf16_weight_qat: the head is bf16, so with the bf16 activations its forward
+    # (main and MTP) is a bf16 matmul with exact products, and no matmul with the vocabulary as a
+    # dimension runs as fp32 arithmetic (HIGHEST)
+    assert t.bf16_weight_qat and t.head_precision == "fp32"
     head_dots = [line for line in text.splitlines() if "dot_general" in line and f"x{m.vocab_size}x" in line]
-    assert len(head_dots) >= 3 and all("num_primitive_operations = 3" in d for d in head_dots), head_dots[:3]
+    forward = [d for d in head_dots if f"tensor<{m.vocab_size}x{m.hidden_size}xbf16>" in d and "xbf16>, tensor" in d]
+    assert len(forward) >= 2 and not any("HIGHEST" in d for d in head_dots), head_dots
 
     tokens = jax.ShapeDtypeStruct((2, 300), jnp.int32)
 
@@ -319,3 +322,51 @@ def test_head_benchmark_smoke_runs():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split()[0] for line in out.stdout.splitlines()[3:]}
     assert rows == {"fp32", "bf16x6", "bf16x3", "bf16"}, out.stdout
+
+
+def test_bf16_weight_qat_rounds_the_release_bf16_tensors_straight_through():
+    """train.bf16_weight_qat casts exactly the tensors the release stores in BF16 to bf16 for the forward
+    pass; their fp32 masters receive the gradient of the rounded model (straight-through)."""
+    from flax import nnx
+
+    from conftest import small_config
+    from v4jax.hf.names import path_to_name
+    from v4jax.model.transformer import Transformer
+    from v4jax.train_step import round_bf16_tensors
+
+    cfg = small_config()
+    graphdef, params, rest = nnx.split(Transformer(cfg, mode="exact", rngs=nnx.Rngs(0)), nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    leaves, tree = jax.tree_util.tree_flatten(params)  # no leaf on the bf16 grid (norms start at 1)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = tree.unflatten([a + 0.01 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+    rounded = round_bf16_tensors(params, cfg)
+    as_bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype), params)
+    names = {path_to_name(tuple(k.key for k in kp)) for kp, v in jax.tree_util.tree_leaves_with_path(rounded)
+             if not bool(jnp.array_equal(v, params_at(params, kp)))}
+    chex.assert_trees_all_equal_dtypes(rounded, params)
+    for kp, v in jax.tree_util.tree_leaves_with_path(rounded):  # rounded leaves are exactly bf16 values
+        if path_to_name(tuple(k.key for k in kp)) in names:
+            np.testing.assert_array_equal(v, params_at(as_bf16, kp))
+    assert {"embed.weight", "head.weight", "norm.weight", "layers.0.attn_norm.weight", "layers.0.attn.q_norm.weight",
+            "layers.1.ffn.gate.weight", "layers.1.attn.compressor.wkv.weight", "layers.1.attn.compressor.norm.weight",
+            "layers.1.attn.indexer.weights_proj.weight", "mtp.0.enorm.weight"} <= names
+    assert not names & {"layers.0.attn.wq_a.weight", "layers.0.attn.wo_a.weight", "layers.0.ffn.experts.w1.weight",
+                        "layers.1.ffn.gate.bias", "layers.0.attn.attn_sink", "hc_head_fn", "layers.1.attn.compressor.ape",
+                        "mtp.0.e_proj.weight"}
+
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
+
+    def loss(p):
+        return jnp.mean(nnx.merge(graphdef, nnx.State(p), rest)(tokens)[0] ** 2)
+
+    g_ste = jax.jit(jax.grad(lambda p: loss(round_bf16_tensors(p, cfg))))(params)
+    g_rounded = jax.jit(jax.grad(loss))(rounded)         # the gradient at the rounded values, passed straight through
+    chex.assert_trees_all_close(g_ste, g_rounded, rtol=1e-4, atol=1e-7)  # fp32 rounding of two programs
+    assert float(jnp.abs(g_ste["head"]["weight"]).max()) > 0
+
+
+def params_at(tree, kp):
+    for k in kp:
+        tree = tree[k.key]
+    return tree

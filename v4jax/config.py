@@ -381,6 +381,7 @@ class TrainConfig:
     indexer_loss_weight: float = 1.0          # lightning-indexer KL to the main attention
     fp4_expert_qat: bool = False              # fake-quantise routed-expert weights to FP4 (STE)
     fp8_weight_qat: bool = False              # fake-quantise the release's FP8 layers' weights (STE)
+    bf16_weight_qat: bool = False             # round the release's BF16 tensors to bf16 on use (STE)
     peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
     remat: bool = False                       # recompute each block in the backward pass
     # the loss's head matmuls (main and MTP, forward and backward; SPEC: fp32): "fp32" true fp32

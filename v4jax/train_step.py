@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from v4jax.config import ModelConfig, TrainConfig
+from v4jax.hf.names import expected_tensors, path_to_name, tensor_names
 from v4jax.model.layers import dot_f32
 
 
@@ -47,13 +48,18 @@ def head_logits(u, w, precision: str = "fp32"):
                       precision=HEAD_PRECISION[precision], preferred_element_type=jnp.float32)
 
 
-def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKENS, precision: str = "fp32"):
+def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKENS, precision: str = "fp32",
+                          bf16_head: bool = False):
     """``cross_entropy(head_logits(u, w, precision), targets)`` without ``[B, S, V]`` logits in memory.
 
     u ``[B, S, D]`` head inputs, w ``[V, D]`` the head, targets int ``[B, S]``. The sequence is cut
     into chunks of ``chunk_tokens // B`` positions (whole batch rows, so a batch split over devices
     stays split); each chunk's fp32 logits are made, reduced to NLL and dropped, under
     ``jax.checkpoint`` so the backward pass remakes them one chunk at a time too.
+
+    ``bf16_head``: w holds bf16 values (``train.bf16_weight_qat``); each chunk multiplies it as a bf16
+    array, exactly, so ``dot_f32`` can use bf16 tensor cores, while its gradient still sums over the
+    chunks in fp32.
     """
     B, S, _ = u.shape
     C = max(1, min(S, chunk_tokens // B))
@@ -65,7 +71,7 @@ def chunked_cross_entropy(u, w, targets, *, chunk_tokens: int = LOSS_CHUNK_TOKEN
     @jax.checkpoint
     def one(args):
         i, uc, tc = args
-        logits = head_logits(uc, w, precision)
+        logits = head_logits(uc, w.astype(jnp.bfloat16) if bf16_head else w, precision)
         nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         return jnp.sum(jnp.where((i * C + jnp.arange(C) < S)[None], nll, 0.0))  # padding adds nothing
 
@@ -104,7 +110,8 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False)
     head = model.head.weight[...]
-    ce = chunked_cross_entropy(model.head_inputs(X), head, targets, precision=tcfg.head_precision)
+    kw = dict(precision=tcfg.head_precision, bf16_head=tcfg.bf16_weight_qat)
+    ce = chunked_cross_entropy(model.head_inputs(X), head, targets, **kw)
     metrics = {"loss": ce}                     # the next-token cross-entropy
     loss = ce
     mtp_infos = []
@@ -113,8 +120,7 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
         # MTP block j at position t predicts token t + 2 + j (drop positions past the sequence)
         S = targets.shape[1]
         mtp_ce = jnp.mean(jnp.stack([
-            chunked_cross_entropy(model.head_inputs(Xj[:, : S - 1 - j], owner=blk), head, tokens[:, 2 + j:],
-                                  precision=tcfg.head_precision)
+            chunked_cross_entropy(model.head_inputs(Xj[:, : S - 1 - j], owner=blk), head, tokens[:, 2 + j:], **kw)
             for j, (blk, Xj) in enumerate(states)]))
         metrics["mtp_ce"] = mtp_ce
         loss = loss + tcfg.mtp_loss_weight * mtp_ce
@@ -151,6 +157,25 @@ def load_stats(counts):
     return jnp.max(jnp.stack([r.max() for r in rel])), jnp.min(jnp.stack([r.min() for r in rel]))
 
 
+def bf16_tensor_names(cfg: ModelConfig) -> set[str]:
+    """Names of the parameters a checkpoint of ``cfg`` stores in BF16 (embedding, head, norms, gate,
+    compressor, indexer ``weights_proj``; every weight matrix when it has no ``quantization_config``)."""
+    return {name for name, (dtype, _) in expected_tensors(cfg).items() if dtype == "BF16"}
+
+
+def round_bf16_tensors(params, cfg: ModelConfig):
+    """``train.bf16_weight_qat``: the parameters the release stores in BF16, rounded to bf16 values for
+    the forward pass (still float32 arrays, so gradients accumulate in fp32) with a straight-through
+    gradient to the fp32 masters: the trained model is what an export, which rounds them, computes."""
+    names, E = bf16_tensor_names(cfg), cfg.n_routed_experts
+
+    def one(kp, v):
+        if tensor_names(path_to_name(tuple(k.key for k in kp)), E)[0] not in names:
+            return v
+        return v + jax.lax.stop_gradient(v.astype(jnp.bfloat16).astype(v.dtype) - v)  # exactly the bf16 value
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.GradientTransformation,
                     lr_schedule):
     """Returns ``step(state, tokens) -> (state, metrics)`` (pure; jit it with the state's shardings).
@@ -159,6 +184,8 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
     """
 
     def loss_fn(params, buffers, tokens):
+        if tcfg.bf16_weight_qat:
+            params = round_bf16_tensors(params, cfg)
         model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
         loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
         return loss, (metrics, counts)

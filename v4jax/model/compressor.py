@@ -72,8 +72,8 @@ class Compressor(nnx.Module):
 
     def project(self, x, pos):
         """x ``[B, S, D]``, pos int ``[S]`` -> (k, s) fp32 ``[B, S, c·d]``."""
-        k = dot_f32(x, self.wkv.dequantized())
-        s = dot_f32(x, self.wgate.dequantized()) + self.ape[...][pos % self.ratio]
+        k = dot_f32(x, self.wkv.weight[...])   # stored BF16 in the release (dot_f32 keeps it so on a GPU)
+        s = dot_f32(x, self.wgate.weight[...]) + self.ape[...][pos % self.ratio]
         return k, s
 
     def finish(self, entries, j):
