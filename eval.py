@@ -29,9 +29,12 @@ def _load_model(args):
 
     if (args.checkpoint is None) == (args.config is None):
         raise SystemExit("error: give exactly one of --checkpoint DIR or --config PRESET.yaml")
+    if args.kv_cache == "fp8" and args.mode == "exact":
+        raise SystemExit("error: --kv-cache fp8 quantises the KV, which --mode exact never does: "
+                         "use --mode qat or production with it")
     model = load_any(args.checkpoint, args.config, mode=args.mode, layout=args.layout,
                      attention_impl=args.attention_impl, moe_impl=args.moe_impl, seed=args.seed,
-                     progress=not args.quiet, mesh=args.device_mesh)
+                     progress=not args.quiet, mesh=args.device_mesh, kv_cache=args.kv_cache)
     if args.device_mesh is not None:  # the rest of the command runs under the mesh (built outside it):
         import jax                    # the model reads it (expert-parallel routed experts)
 
@@ -39,6 +42,9 @@ def _load_model(args):
     return model
 
 
+KV_CACHE_HELP = ("decoding cache of the compressed KV entries: auto = activation dtype; fp8 = non-RoPE "
+                 "dims as FP8 with a power-of-two scale per 64 (SPEC §5b, also applied in prefill; "
+                 "lossless in qat; ~0.57x the bf16 bytes). Not with --mode exact")
 MESH_HELP = ("split the model over the local devices: AXIS=SIZE,... over data, fsdp, expert, tensor "
              "(e.g. expert=8; unnamed data takes the remaining devices). Default: one device")
 
@@ -291,7 +297,8 @@ def cmd_bench(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(bench_table(r))
-    print(f"(mode {args.mode}, layout {args.layout}; latencies are medians after a compiling first call)")
+    print(f"(mode {args.mode}, layout {args.layout}, kv cache {args.kv_cache}; latencies are medians after a "
+          "compiling first call)")
     if args.json:
         _write_json(args.json, r)
 
@@ -335,6 +342,7 @@ def _model_flags(p, *, layout_default="float"):
                    help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
     p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
                    help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -419,6 +427,7 @@ def main(argv=None):
                    help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
     p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
                    help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--batch", type=int, default=2, help="rows of random tokens when --tokens is not given")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")

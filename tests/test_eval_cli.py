@@ -244,6 +244,13 @@ def test_cli_bad_mesh_flag_names_the_problem(ckpt):
             ev.main(["bench", "--checkpoint", str(ckpt), "--mesh", spec, "--quiet"])
 
 
+def test_cli_fp8_kv_cache_refuses_exact_mode(ckpt, tmp_path):
+    ev = _eval_cli()
+    for cmd in (["logits", "--prefill", "4", "--out", str(tmp_path / "x.npz")], ["bench"]):
+        with pytest.raises(SystemExit, match="--kv-cache fp8 .* --mode exact"):
+            ev.main(cmd + ["--checkpoint", str(ckpt), "--kv-cache", "fp8", "--quiet"])
+
+
 # ------------------------------------------------------------------------------------------- bench / needle
 
 def test_cli_bench_prints_table(ckpt, tmp_path, capsys):

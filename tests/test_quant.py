@@ -77,3 +77,40 @@ def test_fp4_fp8_round_trip_on_grid_values(shape):
     q, s8 = quant.quant_fp8(w.reshape(-1, shape[-1]))
     d8 = quant.dequant_fp8(q, s8)
     np.testing.assert_array_equal(quant.dequant_fp8(*quant.quant_fp8(d8)), d8)
+
+
+def test_fp8_activation_codes_round_trip():
+    """The stored form of SPEC §5b/a (FP8 KV cache): codes and int8 exponents per block, a ragged last
+    block, and exact round trips of values already on the grid."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((5, 100)) * np.array([[1e-6], [1e-3], [1.0], [300.0], [0.0]])).astype(np.float32)
+    codes, exps = quant.quant_fp8_act(jnp.asarray(x), 64)
+    assert codes.dtype == jnp.float8_e4m3fn and exps.dtype == jnp.int8 and exps.shape == (5, 2)
+    for b, (lo, hi) in enumerate([(0, 64), (64, 100)]):
+        amax = np.maximum(np.abs(x[:, lo:hi]).max(-1), 1e-4)
+        np.testing.assert_array_equal(np.asarray(exps[:, b]), np.ceil(np.log2(amax / 448.0)))
+    fq = quant.fake_quant_fp8(jnp.asarray(x), 64)
+    np.testing.assert_array_equal(np.asarray(quant.dequant_fp8_act(codes, exps, 64)), np.asarray(fq))
+    for dt in (jnp.float32, jnp.bfloat16):  # grid values survive a second encoding, in either dtype
+        g = fq.astype(dt)
+        np.testing.assert_array_equal(np.asarray(quant.dequant_fp8_act(*quant.quant_fp8_act(g, 64), 64, dt)),
+                                      np.asarray(g))
+
+
+def test_fp4_activation_codes_round_trip():
+    """The stored form of SPEC §5c (FP4 indexer keys in an FP8 cache): packed codes, int8 exponents,
+    ragged and short rows, signed zeros; bit-identical to the fake quantiser and to the formula."""
+    rng = np.random.default_rng(3)
+    for d in (128, 40, 16):
+        x = (rng.standard_normal((4, d)) * np.array([[1e-30], [1e-3], [1.0], [100.0]])).astype(np.float32)
+        x[0, :2] = [-0.0, -1e-40]
+        packed, exps = quant.quant_fp4_act(jnp.asarray(x), 32)
+        n = -(-d // 32)
+        assert packed.dtype == jnp.uint8 and packed.shape == (4, n * 16) and exps.shape == (4, n)
+        got = np.asarray(quant.dequant_fp4_act(packed, exps, d, 32))
+        np.testing.assert_array_equal(got.view(np.uint32), np.asarray(quant.fake_quant_fp4(jnp.asarray(x), 32)).view(np.uint32))
+        for b in range(n):
+            blk = x[:, b * 32:(b + 1) * 32]
+            s = 2.0 ** np.ceil(np.log2(np.maximum(np.abs(blk).max(-1), 6 * 2.0 ** -126) / 6))[:, None]
+            want = (np.clip(blk / s, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s)
+            np.testing.assert_array_equal(got[:, b * 32:(b + 1) * 32], want)

@@ -26,10 +26,11 @@ from v4jax.generate import Engine, cache_bytes, generate
 
 def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str = "float",
              attention_impl: str | None = None, moe_impl: str | None = None, seed: int = 0,
-             progress: bool = True, mesh=None):
+             progress: bool = True, mesh=None, kv_cache: str = "auto"):
     """A model from an HF checkpoint directory, an orbax-form directory (it has ``v4jax.json``), or a
     YAML preset (``config``: random initialisation with ``seed``). Exactly one source must be given.
-    ``mesh``: split the weights over this device mesh (``sharding.placer``)."""
+    ``mesh``: split the weights over this device mesh (``sharding.placer``). ``kv_cache``: the decoding
+    cache's format (``Numerics.kv_cache``)."""
     from pathlib import Path
 
     from v4jax.config import load_model_config
@@ -42,11 +43,11 @@ def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str =
     if checkpoint is not None:
         load = load_orbax_model if is_orbax_dir(Path(checkpoint)) else load_model
         return load(checkpoint, mode=mode, layout=layout, attention_impl=attention_impl, moe_impl=moe_impl,
-                    progress=progress, mesh=mesh)
+                    progress=progress, mesh=mesh, kv_cache=kv_cache)
     overrides = [f"model.{k}={v}" for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl))
                  if v is not None]
     cfg = load_model_config(config, overrides)
-    model = Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed))
+    model = Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed), kv_cache=kv_cache)
     if mesh is not None:
         from v4jax.sharding import shard_model
         shard_model(model, mesh)
@@ -308,7 +309,7 @@ def bench(engine: Engine, *, batch: int, prompt_len: int, decode_steps: int, ite
     step = float(np.median(steps)) if steps else float("nan")
     mem, mem_kind = peak_memory()
     context = context or prompt_len + decode_steps
-    v4 = cache_bytes(cfg, context, mode="production")
+    v4 = cache_bytes(cfg, context, mode="production", kv_cache=engine.numerics.kv_cache)
     return {
         "batch": batch, "prompt_len": prompt_len, "decode_steps": decode_steps,
         "prefill_compile_s": prefill_compile, "prefill_latency_s": prefill,
@@ -316,7 +317,7 @@ def bench(engine: Engine, *, batch: int, prompt_len: int, decode_steps: int, ite
         "decode_compile_s": decode_compile, "decode_step_latency_s": step,
         "decode_tokens_per_s": batch / step if steps else float("nan"),
         "peak_memory_bytes": mem, "peak_memory_kind": mem_kind, "context": context,
-        "kv_bytes_per_token": v4["per_token"], "kv_parts": v4["parts"],
+        "kv_bytes_per_token": v4["per_token"], "kv_parts": v4["parts"], "kv_cache": engine.numerics.kv_cache,
         "dense_mla_bytes_per_token": dense_mla_bytes_per_token(cfg),
         "device": str(jax.devices()[0].device_kind),
     }
@@ -340,7 +341,8 @@ def bench_table(r: dict) -> str:
         ("decode throughput", f"{r['decode_tokens_per_s']:,.0f} tokens/s"),
         ("decode first call (compile)", f"{r['decode_compile_s']:.2f} s"),
         (f"peak memory ({r['peak_memory_kind']})", _fmt_bytes(r["peak_memory_bytes"])),
-        (f"KV cache per token @ {r['context']} ctx: V4 (bf16 activations)", _fmt_bytes(r["kv_bytes_per_token"])),
+        (f"KV cache per token @ {r['context']} ctx: V4 (bf16 activations"
+         + (", FP8 KV)" if r.get("kv_cache") == "fp8" else ")"), _fmt_bytes(r["kv_bytes_per_token"])),
         ("KV cache per token: dense MLA baseline (bf16, 576/layer)", _fmt_bytes(r["dense_mla_bytes_per_token"])),
         ("baseline / V4", f"{ratio:.2f}×"),
     ]

@@ -24,7 +24,7 @@ class Engine:
     """Holds a model split into (graph, state) and its compiled prefill / decode / MTP functions."""
 
     def __init__(self, model: Transformer, max_len: int):
-        self.cfg = model.cfg
+        self.cfg, self.numerics = model.cfg, model.numerics
         self.max_len = max_len
         self.graphdef, self.state = nnx.split(model)
         gd = self.graphdef
@@ -92,9 +92,10 @@ def dump_logits(engine: Engine, tokens: np.ndarray, n_prefill: int, n_decode: in
     return out
 
 
-def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1) -> dict:
+def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1, kv_cache: str = "auto") -> dict:
     """Decoding-cache bytes for ``context`` positions: the shapes each layer's ``Attention.empty_cache``
     allocates (what ``Transformer.init_cache`` holds), traced abstractly — nothing is allocated.
+    ``kv_cache``: ``"auto"`` or ``"fp8"`` (``Numerics.kv_cache``).
 
     Returns ``{"total": bytes, "per_token": bytes / context, "parts": {cache field: bytes}}`` for one sequence.
     """
@@ -102,7 +103,7 @@ def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1) 
     from v4jax.model.cache import nbytes
     from v4jax.model.layers import Numerics, WeightLayout
 
-    numerics, layout = Numerics(mode), WeightLayout.float()
+    numerics, layout = Numerics(mode, kv_cache=kv_cache), WeightLayout.float()
     parts = {}
     for i in range(cfg.num_hidden_layers):
         attn = nnx.eval_shape(lambda: Attention(cfg, cfg.compress_ratios[i], numerics=numerics, layout=layout,

@@ -146,15 +146,57 @@ def _blocked(x, block: int):
     return xf.reshape(*x.shape[:-1], n, block), lambda q: q.reshape(*x.shape[:-1], n * block)[..., :d].astype(x.dtype)
 
 
+def quant_fp8_act(x, block: int = 128):
+    """Per-token blockwise FP8 e4m3 quantisation along the last axis (SPEC §5a/b), stored form.
+
+    ``x [..., d]`` -> (codes float8_e4m3fn ``[..., d]``, exponents int8 ``[..., ceil(d/block)]``) with
+    ``s = 2^e = 2^ceil(log2(max(amax, 1e-4) / 448))`` per block and codes ``e4m3(clip(x / s, ±448))``.
+    """
+    xf, _ = _blocked(x, block)
+    amax = jnp.abs(xf).max(-1, keepdims=True)
+    e = _pow2_scale_exponent(amax, FP8_MAX, 1e-4)  # in [-22, 120] for finite x: fits an int8
+    codes = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    d = x.shape[-1]
+    return codes.reshape(*x.shape[:-1], -1)[..., :d], e[..., 0].astype(jnp.int8)
+
+
+def dequant_fp8_act(codes, exponents, block: int = 128, dtype=jnp.float32):
+    """Inverse of ``quant_fp8_act`` (exact: every value is a power-of-two multiple of an e4m3 value)."""
+    d = codes.shape[-1]
+    s = jnp.repeat(jnp.ldexp(jnp.float32(1.0), exponents.astype(jnp.int32)), block, axis=-1)[..., :d]
+    return (codes.astype(jnp.float32) * s).astype(dtype)
+
+
 def fake_quant_fp8(x, block: int = 128):
     """Per-token blockwise FP8 e4m3 fake quantisation along the last axis (SPEC §5a/b).
 
     s = 2^ceil(log2(max(amax, 1e-4) / 448)),  x̂ = e4m3(clip(x / s, ±448)) · s.  Returns x's dtype.
     """
-    xf, restore = _blocked(x, block)
+    return dequant_fp8_act(*quant_fp8_act(x, block), block, x.dtype)
+
+
+def quant_fp4_act(x, block: int = 32):
+    """Per-token blockwise FP4 e2m1 quantisation along the last axis (SPEC §5c), stored form.
+
+    ``x [..., d]`` -> (packed uint8 ``[..., n·block/2]`` with n = ceil(d/block): two codes per byte,
+    low nibble first, as ``unpack_fp4`` reads them; a partial last block is zero-padded; exponents
+    int8 ``[..., n]``, ``s = 2^e``). The sign bit is kept for zeros, so ``dequant_fp4_act`` returns
+    exactly ``fake_quant_fp4``'s values, signed zeros included.
+    """
+    xf, _ = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
-    s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP8_MAX, 1e-4))
-    return restore(jnp.clip(xf / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32) * s)
+    e = _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126)  # in [-126, 126]: fits an int8
+    v = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP4_MAX, FP4_MAX)
+    v = v.astype(jnp.float4_e2m1fn).astype(jnp.float32)
+    idx = jnp.argmax(jnp.abs(v)[..., None] == jnp.asarray(FP4_VALUES[:8]), axis=-1)
+    codes = (idx + 8 * jnp.signbit(v)).astype(jnp.uint8).reshape(*x.shape[:-1], -1, 2)
+    return codes[..., 0] | (codes[..., 1] << 4), e[..., 0].astype(jnp.int8)
+
+
+def dequant_fp4_act(packed, exponents, d: int, block: int = 32, dtype=jnp.float32):
+    """Inverse of ``quant_fp4_act`` for ``d`` dims (exact)."""
+    s = jnp.repeat(jnp.ldexp(jnp.float32(1.0), exponents.astype(jnp.int32)), block, axis=-1)
+    return (unpack_fp4(packed) * s)[..., :d].astype(dtype)
 
 
 def fake_quant_fp4(x, block: int = 32):

@@ -98,13 +98,14 @@ def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool =
 
 def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "float",
                dtype=jnp.float32, attention_impl: str | None = None, moe_impl: str | None = None,
-               progress: bool = True, mesh=None) -> Transformer:
+               progress: bool = True, mesh=None, kv_cache: str = "auto") -> Transformer:
     """Build a ``Transformer`` for the checkpoint at ``path`` and load its weights.
 
     ``layout="float"``: dequantise every weight to ``dtype``; ``layout="released"``: keep the release's
     FP8 / FP4 / BF16 tensors and dequantise on use. ``attention_impl`` / ``moe_impl`` override the
     config's ``xla`` / ``pallas`` choice. ``mesh``: split the weights over this device mesh (run the
-    model under ``jax.set_mesh(mesh)``: routed experts then run expert-parallel).
+    model under ``jax.set_mesh(mesh)``: routed experts then run expert-parallel). ``kv_cache``: the
+    decoding cache's format (``Numerics.kv_cache``).
     """
     path = Path(path)
     if not path.exists():
@@ -117,6 +118,6 @@ def load_model(path: str | os.PathLike, *, mode: str = "exact", layout: str = "f
         wl = WeightLayout.released(cfg)
     else:
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
-    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0), kv_cache=kv_cache))
     load_params(model, path, progress=progress, mesh=mesh)
     return model

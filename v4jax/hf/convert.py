@@ -682,7 +682,7 @@ class _ReleaseView:
 
 def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=jnp.float32,
                      attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True,
-                     mesh=None):
+                     mesh=None, kv_cache: str = "auto"):
     """A ``Transformer`` from an orbax-form directory, in the requested ``layout`` (split over ``mesh``
     if given, as ``load_model`` does).
 
@@ -700,7 +700,7 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
     if layout not in ("float", "released"):
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
     wl = WeightLayout.float(dtype) if layout == "float" else WeightLayout.released(cfg)
-    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0), kv_cache=kv_cache))
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
     targets = _flatten(pure)

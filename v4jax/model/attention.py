@@ -19,7 +19,7 @@ import pallas_kernels
 from pallas_kernels import reference
 from v4jax import quant
 from v4jax.config import ModelConfig
-from v4jax.model.cache import AttnCache, ring_from_sequence, ring_positions
+from v4jax.model.cache import AttnCache, Fp8Rows, ring_from_sequence, ring_positions, rows_array
 from v4jax.model.compressor import Compressor
 from v4jax.model.indexer import Indexer
 from v4jax.model import layers
@@ -93,11 +93,15 @@ class Attention(nnx.Module):
         return rope_tables(pos, np.asarray(self.rope_freqs, np.float32))
 
     def _quant_kv(self, kv):
-        """qat: FP8 fake quantisation of the non-RoPE dims in blocks of 64 (SPEC §5b)."""
-        if not self.numerics.qat:
+        """qat or an FP8 cache: FP8 fake quantisation of the non-RoPE dims in blocks of 64 (SPEC §5b)."""
+        if not self.numerics.quant_kv:
             return kv
         n = self.head_dim - self.rope_dim
         return jnp.concatenate([quant.fake_quant_fp8(kv[..., :n], 64), kv[..., n:]], axis=-1)
+
+    def _store(self, rows):
+        """Compressed entries ``[B, N, hd]`` as the cache holds them (``Fp8Rows`` for an FP8 cache)."""
+        return Fp8Rows.encode(rows, self.rope_dim) if self.numerics.kv_cache == "fp8" else rows
 
     def _qkv(self, x, pos):
         """x ``[B, S, D]`` -> (qr, q ``[B, S, H, hd]``, kv ``[B, S, hd]``), RoPE applied."""
@@ -142,7 +146,7 @@ class Attention(nnx.Module):
             entries, ck, cs = self.compressor(x)
             ckv = self._quant_kv(entries.astype(x.dtype))
             if max_len is not None:
-                cache.update(ckv=_fill(ckv, max_len // self.ratio), comp_k=None, comp_s=None)
+                cache.update(ckv=_fill(self._store(ckv), max_len // self.ratio), comp_k=None, comp_s=None)
                 cache["comp_k"], cache["comp_s"] = self.compressor.state_from_prefill(ck, cs)
             if self.ratio == 4:
                 # the indexer learns only from its KL loss: its inputs are cut from the main graph
@@ -157,7 +161,7 @@ class Attention(nnx.Module):
                     topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
                 if max_len is not None:
-                    cache["ikv"] = _fill(ikeys, max_len // 4)
+                    cache["ikv"] = _fill(self.indexer.store(ikeys), max_len // 4)
                     cache["icomp_k"], cache["icomp_s"] = self.indexer.compressor.state_from_prefill(ik, is_)
             else:
                 o = fns.compressed_attention(q, kv, ckv, sink, window=self.window, ratio=self.ratio,
@@ -171,10 +175,11 @@ class Attention(nnx.Module):
         c = AttnCache(win_kv=jnp.zeros((batch, self.window, self.head_dim), dtype))
         if self.ratio:
             ck, cs = self.compressor.empty_state(batch)
-            c = c.replace(ckv=jnp.zeros((batch, max_len // self.ratio, self.head_dim), dtype), comp_k=ck, comp_s=cs)
+            c = c.replace(ckv=self._store(jnp.zeros((batch, max_len // self.ratio, self.head_dim), dtype)),
+                          comp_k=ck, comp_s=cs)
         if self.ratio == 4:
             ik, is_ = self.indexer.compressor.empty_state(batch)
-            c = c.replace(ikv=jnp.zeros((batch, max_len // 4, self.indexer.head_dim), dtype),
+            c = c.replace(ikv=self.indexer.store(jnp.zeros((batch, max_len // 4, self.indexer.head_dim), dtype)),
                           icomp_k=ik, icomp_s=is_)
         return c
 
@@ -189,13 +194,13 @@ class Attention(nnx.Module):
         ckv = idx = None
         if self.ratio:
             entry, done, (ck, cs) = self.compressor.decode(x, t, (cache.comp_k, cache.comp_s))
-            ckv = _write_entry(cache.ckv, self._quant_kv(entry.astype(x.dtype)), done, t, self.ratio)
+            ckv = _write_entry(cache.ckv, self._store(self._quant_kv(entry.astype(x.dtype))), done, t, self.ratio)
             new.update(ckv=ckv, comp_k=ck, comp_s=cs)
             if self.ratio == 4:
                 ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
-                ikv = _write_entry(cache.ikv, self.indexer.keys(ientry), done, t, 4)
+                ikv = _write_entry(cache.ikv, self.indexer.store(self.indexer.keys(ientry)), done, t, 4)
                 qi, w = self.indexer.queries(x, qr, pos)
-                idx = self.indexer.select(qi, w, ikv, pos)
+                idx = self.indexer.select(qi, w, self.indexer.load(ikv), pos)
                 new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
         o = self._decode_attention(q, win_kv, ckv, idx, t)
         return self._output(o, pos), cache.replace(**new)
@@ -204,6 +209,12 @@ class Attention(nnx.Module):
         """q ``[B, 1, H, hd]`` at position t against the window ring and the compressed entries."""
         B, W = q.shape[0], self.window
         scale, sink = self.head_dim ** -0.5, self.attn_sink[...]
+        if self.ratio == 4 and isinstance(ckv, Fp8Rows):
+            # FP8 cache: decode only the selected rows; they become the entries, named in top-k order
+            K = idx.shape[-1]
+            ckv = rows_array(jax.tree.map(lambda a: jnp.take_along_axis(
+                a, jnp.maximum(idx[:, 0], 0).reshape(B, K, 1), axis=1), ckv), q.dtype)
+            idx = jnp.where(idx >= 0, jnp.arange(K, dtype=idx.dtype), -1)
         if self.impl == "pallas":  # the prefill kernels with one query: ring rows put in position order
             # positions start … start+W-1 (the kernels need start >= 0; before the ring is full the rows
             # past t are empty slots that causality masks)
@@ -213,16 +224,17 @@ class Attention(nnx.Module):
             if self.ratio == 0:
                 return pallas_kernels.window_attention(q, kv, sink, **kw)
             if self.ratio == 4:
-                return pallas_kernels.sparse_attention(q, kv, ckv.astype(q.dtype), idx, sink, **kw)
-            return pallas_kernels.compressed_attention(q, kv, ckv.astype(q.dtype), sink, ratio=self.ratio, **kw)
+                return pallas_kernels.sparse_attention(q, kv, rows_array(ckv, q.dtype), idx, sink, **kw)
+            return pallas_kernels.compressed_attention(q, kv, rows_array(ckv, q.dtype), sink, ratio=self.ratio, **kw)
         keys = [win_kv]
         valid = [jnp.broadcast_to(ring_positions(t, W) >= 0, (B, W))]
         if self.ratio == 4:
             keys.append(jnp.take_along_axis(ckv, jnp.maximum(idx[:, 0], 0)[..., None], axis=1))
             valid.append(idx[:, 0] >= 0)
         elif self.ratio:
-            keys.append(ckv)
-            valid.append(jnp.broadcast_to(jnp.arange(ckv.shape[1]) < (t + 1) // self.ratio, (B, ckv.shape[1])))
+            keys.append(rows_array(ckv, q.dtype))
+            N = keys[-1].shape[1]
+            valid.append(jnp.broadcast_to(jnp.arange(N) < (t + 1) // self.ratio, (B, N)))
         o = reference.decode_attention(q[:, 0], jnp.concatenate(keys, 1).astype(q.dtype),
                                        jnp.concatenate(valid, 1), sink, scale=scale)
         return o[:, None]
@@ -288,17 +300,23 @@ def _indexer_kl_sum(scores, q, ckv, scale: float):
 
 
 def _fill(entries, n: int):
-    """Entries ``[B, N, d]`` of a prefill placed at the start of a ``[B, n, d]`` buffer."""
-    if entries.shape[1] > n:
-        raise ValueError(f"prefill produced {entries.shape[1]} compressed entries, the cache holds {n}")
-    return jnp.pad(entries, ((0, 0), (0, n - entries.shape[1]), (0, 0)))
+    """Entries ``[B, N, d]`` of a prefill (an array or ``Fp8Rows``) placed at the start of a
+    ``[B, n, d]`` buffer."""
+    N = jax.tree.leaves(entries)[0].shape[1]
+    if N > n:
+        raise ValueError(f"prefill produced {N} compressed entries, the cache holds {n}")
+    return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, n - N), (0, 0))), entries)
 
 
 def _write_entry(buf, entry, done, t, ratio: int):
-    """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``."""
-    if buf.shape[1] == 0:  # max_len < ratio: no entry ever completes
+    """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``
+    (both arrays or both ``Fp8Rows``)."""
+    if jax.tree.leaves(buf)[0].shape[1] == 0:  # max_len < ratio: no entry ever completes
         return buf
     j = jnp.maximum((t + 1) // ratio - 1, 0)
-    old = jax.lax.dynamic_slice_in_dim(buf, j, 1, axis=1)
-    row = jnp.where(done, entry[:, None].astype(buf.dtype), old)
-    return jax.lax.dynamic_update_slice_in_dim(buf, row, j, axis=1)
+
+    def write(b, e):
+        old = jax.lax.dynamic_slice_in_dim(b, j, 1, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(b, jnp.where(done, e[:, None].astype(b.dtype), old), j, axis=1)
+
+    return jax.tree.map(write, buf, entry)

@@ -3,7 +3,7 @@
 ``qI = wq_b(qr)`` ``[IH, ID]``, RoPE, Hadamard; ``kI`` from its own compressor (ratio 4, Hadamard);
 ``w = weights_proj(x) · ID^-½ · IH^-½``; ``score[t, j] = Σ_h w[t, h] · relu(qI[t, h] · kI[j])`` over
 ``j < (t + 1) // 4``; keep the top ``index_topk`` (indices, -1 where fewer entries exist).
-In ``qat`` mode qI and kI are FP4 fake-quantised in blocks of 32 after the Hadamard; in
+In ``qat`` mode (and with an FP8 cache) qI and kI are FP4 fake-quantised in blocks of 32 after the Hadamard; in
 ``production`` they are bfloat16 (scores accumulate in float32 in every mode).
 
 Scoring and top-k are ``pallas_kernels.indexer_topk`` (``attention_impl: pallas``: a kernel that
@@ -21,6 +21,7 @@ from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor, hadamard
 from v4jax.model import layers
+from v4jax.model.cache import Fp4Rows
 from v4jax.model.layers import Linear, Numerics, WeightLayout, dot
 from v4jax.model.rope import apply_rope, rope_tables
 
@@ -40,7 +41,7 @@ class Indexer(nnx.Module):
 
     def _rotate_quant(self, x):
         x = hadamard(x)
-        return (quant.fake_quant_fp4(x, 32) if self.numerics.qat else x).astype(self.numerics.dtype)
+        return (quant.fake_quant_fp4(x, 32) if self.numerics.quant_kv else x).astype(self.numerics.dtype)
 
     def queries(self, x, qr, pos):
         """x ``[B, S, D]``, qr ``[B, S, q_lora]``, pos ``[S]`` -> (qI ``[B, S, IH, ID]``, w fp32 ``[B, S, IH]``)."""
@@ -52,8 +53,17 @@ class Indexer(nnx.Module):
         return self._rotate_quant(q), w * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
 
     def keys(self, entries):
-        """Compressor entries (already normalised, rotated, Hadamard) -> keys, FP4-quantised in qat."""
-        return (quant.fake_quant_fp4(entries, 32) if self.numerics.qat else entries).astype(self.numerics.dtype)
+        """Compressor entries (already normalised, rotated, Hadamard) -> keys, FP4-quantised in qat
+        and with an FP8 cache."""
+        return (quant.fake_quant_fp4(entries, 32) if self.numerics.quant_kv else entries).astype(self.numerics.dtype)
+
+    def store(self, keys):
+        """Keys ``[B, N, ID]`` as the cache holds them (``Fp4Rows`` with ``kv_cache='fp8'``)."""
+        return Fp4Rows.encode(keys) if self.numerics.kv_cache == "fp8" else keys
+
+    def load(self, rows):
+        """Cached keys -> ``[B, N, ID]`` in the activation dtype."""
+        return rows.decode(self.head_dim, self.numerics.dtype) if isinstance(rows, Fp4Rows) else rows
 
     def select(self, q, w, k, pos):
         """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist)."""

@@ -21,6 +21,9 @@ from v4jax import quant
 from v4jax.config import MODES
 
 
+KV_CACHES = ("auto", "fp8")
+
+
 @dataclass(frozen=True)
 class Numerics:
     """How a forward pass computes (SPEC §5): ``exact`` | ``qat`` | ``production``.
@@ -28,14 +31,25 @@ class Numerics:
     ``fp4_experts`` / ``fp8_weights``: training-side weight QAT (straight-through estimator) of the
     routed experts (FP4, 1x32 blocks) / of the layers the release stores in FP8 (128x128 blocks), so
     the trained weights are exactly what an export to the released formats stores.
+    ``kv_cache``: ``"auto"`` keeps the decoding cache's compressed entries and indexer keys in the
+    activation dtype; ``"fp8"`` stores the entries' non-RoPE dims as FP8 with a power-of-two scale per
+    64 dims (SPEC §5b) and the indexer keys as FP4 with one per 32 (§5c). Both grids are then applied
+    in every pass (indexer queries included), as in ``qat``, so prefill and decode agree; lossless
+    in ``qat``. Not in ``exact`` mode, which quantises no activation.
     """
     mode: str = "exact"
     fp4_experts: bool = False
     fp8_weights: bool = False
+    kv_cache: str = "auto"
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"numerics mode must be one of {MODES}, got {self.mode!r}")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "fp8" and self.mode == "exact":
+            raise ValueError("kv_cache='fp8' quantises the KV, which mode 'exact' never does: "
+                             "use mode 'qat' or 'production' with it")
 
     @property
     def dtype(self):
@@ -45,6 +59,12 @@ class Numerics:
     @property
     def qat(self) -> bool:
         return self.mode == "qat"
+
+    @property
+    def quant_kv(self) -> bool:
+        """Whether the main KV's non-RoPE dims go through FP8 (SPEC §5b) and the indexer's queries
+        and keys through FP4 (§5c)."""
+        return self.mode == "qat" or self.kv_cache == "fp8"
 
     @property
     def precision(self):

@@ -97,10 +97,11 @@ class Transformer(nnx.Module):
     """DeepSeek-V4. ``mode``: numerics (SPEC §5); ``layout``: how weights are stored (see WeightLayout)."""
 
     def __init__(self, cfg: ModelConfig, *, mode: str = "exact", layout: WeightLayout | None = None,
-                 rngs: nnx.Rngs | None = None, fp4_expert_qat: bool = False, fp8_weight_qat: bool = False):
+                 rngs: nnx.Rngs | None = None, fp4_expert_qat: bool = False, fp8_weight_qat: bool = False,
+                 kv_cache: str = "auto"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         layout = layout or WeightLayout.float()
-        numerics = Numerics(mode, fp4_experts=fp4_expert_qat, fp8_weights=fp8_weight_qat)
+        numerics = Numerics(mode, fp4_experts=fp4_expert_qat, fp8_weights=fp8_weight_qat, kv_cache=kv_cache)
         self.cfg, self.numerics, self.layout = cfg, numerics, layout
         L, D, hc = cfg.num_hidden_layers, cfg.hidden_size, cfg.hc_mult
         kw = dict(numerics=numerics, layout=layout, rngs=rngs)
