@@ -300,8 +300,8 @@ def _indexer_kl_sum(scores, q, ckv, scale: float):
 
 
 def _fill(entries, n: int):
-    """Entries ``[B, N, d]`` of a prefill (an array or ``Fp8Rows``) placed at the start of a
-    ``[B, n, d]`` buffer."""
+    """Entries ``[B, N, d]`` of a prefill (an array, ``Fp8Rows`` or ``Fp4Rows``) placed at the start
+    of a ``[B, n, d]`` buffer."""
     N = jax.tree.leaves(entries)[0].shape[1]
     if N > n:
         raise ValueError(f"prefill produced {N} compressed entries, the cache holds {n}")
@@ -310,7 +310,7 @@ def _fill(entries, n: int):
 
 def _write_entry(buf, entry, done, t, ratio: int):
     """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``
-    (both arrays or both ``Fp8Rows``)."""
+    (both arrays, or both ``Fp8Rows`` / ``Fp4Rows``)."""
     if jax.tree.leaves(buf)[0].shape[1] == 0:  # max_len < ratio: no entry ever completes
         return buf
     j = jnp.maximum((t + 1) // ratio - 1, 0)
