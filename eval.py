@@ -42,6 +42,19 @@ def _load_model(args):
     return model
 
 
+def _engine(args, model, max_len: int):
+    """The compiled prefill / decode functions for ``model`` (``--prefill-chunk``)."""
+    from v4jax.generate import Engine
+
+    try:
+        return Engine(model, max_len=max_len, prefill_chunk=args.prefill_chunk, progress=not args.quiet)
+    except ValueError as e:
+        raise SystemExit(f"error: --prefill-chunk: {e}")
+
+
+PREFILL_CHUNK_HELP = ("prefill prompts longer than N tokens in chunks of N, each attending to the cache of the "
+                      "ones before (activation memory grows with N, not with the prompt; long contexts). N: a "
+                      "multiple of the lcm of the window and the compress ratios (V4: 128). Default: one prefill")
 KV_CACHE_HELP = ("decoding cache of the compressed KV entries: auto = activation dtype; fp8 = non-RoPE "
                  "dims as FP8 with a power-of-two scale per 64 (SPEC §5b, also applied in prefill; "
                  "lossless in qat; ~0.57x the bf16 bytes). Not with --mode exact")
@@ -113,14 +126,14 @@ def _tokens(args, vocab: int) -> np.ndarray:
 
 
 def cmd_logits(args):
-    from v4jax.generate import Engine, dump_logits
+    from v4jax.generate import dump_logits
 
     t0 = time.time()
     model = _load_model(args)
     tokens = _tokens(args, model.cfg.vocab_size)
     print(f"model: {model.cfg.num_hidden_layers} layers, hidden {model.cfg.hidden_size}, "
           f"ratios {list(model.cfg.compress_ratios)}, mode {args.mode} ({time.time() - t0:.1f}s to load)")
-    engine = Engine(model, max_len=args.prefill + args.decode)
+    engine = _engine(args, model, args.prefill + args.decode)
     try:
         out = dump_logits(engine, tokens, args.prefill, args.decode, progress=not args.quiet)
     except ValueError as e:
@@ -188,14 +201,14 @@ class _Streamer:
 
 
 def cmd_generate(args):
-    from v4jax.generate import Engine, generate
+    from v4jax.generate import generate
 
     model = _load_model(args)
     tok, bos, stops = _tokenizer(args, model.cfg)
     texts = _prompts(args)
     prompts = [_encode_prompt(args, tok, bos, t) for t in texts]
     max_len = args.max_len or max(len(p) for p in prompts) + args.max_new_tokens
-    engine = Engine(model, max_len=max_len)
+    engine = _engine(args, model, max_len)
     streamer = _Streamer(tok) if len(prompts) == 1 and not args.no_stream else None
     t0 = time.time()
     try:
@@ -258,7 +271,6 @@ def _documents(args, tok, bos):
 
 def cmd_perplexity(args):
     from v4jax.evaluate import Scorer, perplexity
-    from v4jax.generate import Engine
 
     model = _load_model(args)
     tok, bos, _ = _tokenizer(args, model.cfg)
@@ -267,7 +279,7 @@ def cmd_perplexity(args):
     for i, d in enumerate(docs):
         if d.size and (d.min() < 0 or d.max() >= V):
             raise SystemExit(f"error: document {i} has token ids in [{d.min()}, {d.max()}], the vocabulary is [0, {V})")
-    scorer = Scorer(Engine(model, max_len=args.seq_len))
+    scorer = Scorer(_engine(args, model, args.seq_len))
     try:
         r = perplexity(scorer, docs, nbytes, seq_len=args.seq_len, stride=args.stride, batch=args.batch,
                        progress=not args.quiet)
@@ -287,10 +299,9 @@ def cmd_perplexity(args):
 
 def cmd_bench(args):
     from v4jax.evaluate import bench, bench_table
-    from v4jax.generate import Engine
 
     model = _load_model(args)
-    engine = Engine(model, max_len=args.prompt_len + args.decode_steps + 1)
+    engine = _engine(args, model, args.prompt_len + args.decode_steps + 1)
     try:
         r = bench(engine, batch=args.batch, prompt_len=args.prompt_len, decode_steps=args.decode_steps,
                   iters=args.iters, context=args.context, seed=args.seed, progress=not args.quiet)
@@ -312,14 +323,13 @@ def _floats(text, name, cast=float):
 
 def cmd_needle(args):
     from v4jax.evaluate import needle, needle_table
-    from v4jax.generate import Engine
 
     lengths, depths = _floats(args.lengths, "--lengths", int), _floats(args.depths, "--depths")
     if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
         raise SystemExit("error: need --lengths and --depths (each depth in [0, 1])")
     model = _load_model(args)
     tok, bos, _ = _tokenizer(args, model.cfg)
-    engine = Engine(model, max_len=max(lengths) + args.digits + 8)
+    engine = _engine(args, model, max(lengths) + args.digits + 8)
     try:
         r = needle(engine, tok, lengths=lengths, depths=depths, trials=args.trials, batch=args.batch,
                    digits=args.digits, seed=args.seed, bos=bos, chat=args.chat, progress=not args.quiet)
@@ -343,6 +353,7 @@ def _model_flags(p, *, layout_default="float"):
     p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
                    help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -428,6 +439,7 @@ def main(argv=None):
     p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
                    help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--batch", type=int, default=2, help="rows of random tokens when --tokens is not given")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")

@@ -141,16 +141,12 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
              q_start=q_start, kv_start=kv_start)
     backend = resolve_backend(backend, interpret)
     if backend == "xla":
-        if _static_int(kv_start) != 0:
-            raise ValueError("backend='xla' (the reference) supports only kv_start=0")
+        kw = dict(window=window, scale=scale, q_start=q_start, kv_start=kv_start)
         if mode == "csa":
-            return reference.sparse_attention(q, kv, ckv, topk_idx, sink, window=window,
-                                              scale=scale, q_start=q_start)
+            return reference.sparse_attention(q, kv, ckv, topk_idx, sink, **kw)
         if mode == "hca":
-            return reference.compressed_attention(q, kv, ckv, sink, window=window, ratio=ratio,
-                                                  scale=scale, q_start=q_start)
-        return reference.window_attention(q, kv, sink, window=window, scale=scale,
-                                          q_start=q_start)
+            return reference.compressed_attention(q, kv, ckv, sink, ratio=ratio, **kw)
+        return reference.window_attention(q, kv, sink, **kw)
     if mode != "window" and ckv.shape[1] == 0:
         mode = "window"  # no complete compressed entry yet (S < ratio): d ckv is then empty
     ckv = None if mode == "window" else ckv

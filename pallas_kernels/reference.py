@@ -7,7 +7,8 @@ only. Scores and softmax statistics are float32 whatever the input dtype; output
 
 Shapes (B batch, S queries, H heads, D head width, T raw positions, N compressed entries):
   q    [B, S, H, D]  queries at positions q_start ... q_start + S - 1
-  kv   [B, T, D]     raw per-position key/values, T >= q_start + S
+  kv   [B, T, D]     raw per-position key/values, kv[:, i] at position kv_start + i, covering
+                     max(0, q_start - window + 1) ... q_start + S - 1
   ckv  [B, N, D]     compressed entries
   sink [H]           float32 sink logits
 """
@@ -24,12 +25,12 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def _window(kv, q_start, S, window):
+def _window(kv, q_start, S, window, kv_start=0):
     """Gather the window keys of every query: ([B, S, W, D], valid [S, W])."""
     t = q_start + jnp.arange(S)[:, None]
     p = t - window + 1 + jnp.arange(window)[None, :]  # [S, W]
-    valid = p >= 0
-    return jnp.take(kv, jnp.maximum(p, 0), axis=1), valid
+    valid = (p >= 0) & (p >= kv_start)
+    return jnp.take(kv, jnp.maximum(p - kv_start, 0), axis=1), valid
 
 
 def _softmax_with_sink(scores, values, sink):
@@ -46,13 +47,13 @@ def _scores(q, k, scale, precision):
                       preferred_element_type=jnp.float32) * scale
 
 
-def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0):
+def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0, kv_start=0):
     """CSA: window keys plus the compressed entries named by ``topk_idx [B, S, K]`` (-1 = unused)."""
     if ckv.shape[1] == 0:  # no compressed entries yet: every top-k slot is -1
-        return window_attention(q, kv, sink, window=window, scale=scale, q_start=q_start)
+        return window_attention(q, kv, sink, window=window, scale=scale, q_start=q_start, kv_start=kv_start)
     B, S, H, D = q.shape
     prec = _precision(q.dtype)
-    kw, wvalid = _window(kv, q_start, S, window)  # [B,S,W,D]
+    kw, wvalid = _window(kv, q_start, S, window, kv_start)  # [B,S,W,D]
     kc = jax.vmap(lambda c, i: jnp.take(c, jnp.maximum(i, 0), axis=0))(ckv, topk_idx)  # [B,S,K,D]
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
     s_c = jnp.where((topk_idx >= 0)[:, :, None, :], _scores(q, kc, scale, prec), _NEG)
@@ -61,12 +62,12 @@ def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q
     return o.astype(q.dtype)
 
 
-def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: float, q_start=0):
+def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: float, q_start=0, kv_start=0):
     """HCA: window keys plus every compressed entry ``j < (t + 1) // ratio`` of query position t."""
     B, S, H, D = q.shape
     N = ckv.shape[1]
     prec = _precision(q.dtype)
-    kw, wvalid = _window(kv, q_start, S, window)
+    kw, wvalid = _window(kv, q_start, S, window, kv_start)
     t = q_start + jnp.arange(S)
     cvalid = jnp.arange(N)[None, :] < ((t + 1) // ratio)[:, None]  # [S, N]
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
@@ -81,11 +82,11 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
     return (o / denom[..., None]).astype(q.dtype)
 
 
-def window_attention(q, kv, sink, *, window: int, scale: float, q_start=0):
+def window_attention(q, kv, sink, *, window: int, scale: float, q_start=0, kv_start=0):
     """Window-only layers (compress ratio 0)."""
     B, S, H, D = q.shape
     prec = _precision(q.dtype)
-    kw, wvalid = _window(kv, q_start, S, window)
+    kw, wvalid = _window(kv, q_start, S, window, kv_start)
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
     return _softmax_with_sink(s_w, kw, sink.astype(jnp.float32)).astype(q.dtype)
 

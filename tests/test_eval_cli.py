@@ -244,6 +244,11 @@ def test_cli_bad_mesh_flag_names_the_problem(ckpt):
             ev.main(["bench", "--checkpoint", str(ckpt), "--mesh", spec, "--quiet"])
 
 
+def test_cli_bad_prefill_chunk_names_the_rule(ckpt):
+    with pytest.raises(SystemExit, match="--prefill-chunk: prefill_chunk must be a positive multiple of"):
+        _eval_cli().main(["bench", "--checkpoint", str(ckpt), "--prefill-chunk", "3", "--quiet"])
+
+
 def test_cli_fp8_kv_cache_refuses_exact_mode(ckpt, tmp_path):
     ev = _eval_cli()
     for cmd in (["logits", "--prefill", "4", "--out", str(tmp_path / "x.npz")], ["bench"]):

@@ -1,6 +1,6 @@
 """Jit-compiled prefill / decode over a fixed-size cache, and the logits dump used by ``eval.py logits``.
 
-    engine = Engine(model, max_len=4096)
+    engine = Engine(model, max_len=4096, prefill_chunk=None)   # or e.g. 1024: prefill in chunks
     logits, cache, state = engine.prefill(tokens)        # tokens [B, S]
     logits, cache = engine.decode(token, cache)          # token [B], at position cache.pos
 
@@ -21,17 +21,35 @@ from v4jax.model.transformer import Transformer
 
 
 class Engine:
-    """Holds a model split into (graph, state) and its compiled prefill / decode / MTP functions."""
+    """Holds a model split into (graph, state) and its compiled prefill / decode / MTP functions.
 
-    def __init__(self, model: Transformer, max_len: int):
+    ``prefill_chunk``: prefill longer inputs in chunks of this many tokens (a multiple of
+    ``model.chunk_alignment()``), each chunk attending to the cache of the ones before: activation
+    memory then grows with the chunk, not with the prompt. Same results as one prefill up to
+    float rounding. ``progress``: a progress bar over the chunks.
+    """
+
+    def __init__(self, model: Transformer, max_len: int, *, prefill_chunk: int | None = None,
+                 progress: bool = False):
         self.cfg, self.numerics = model.cfg, model.numerics
         self.max_len = max_len
+        if prefill_chunk is not None:
+            a = model.chunk_alignment()
+            if prefill_chunk < 1 or prefill_chunk % a:
+                raise ValueError(
+                    f"prefill_chunk must be a positive multiple of {a} (the least common multiple of the window "
+                    f"{model.cfg.sliding_window} and the compress ratios), got {prefill_chunk}")
+        self.prefill_chunk, self.progress = prefill_chunk, progress
         self.graphdef, self.state = nnx.split(model)
         gd = self.graphdef
 
-        @jax.jit
-        def prefill(state, tokens):
-            return nnx.merge(gd, state).prefill(tokens, max_len)
+        @functools.partial(jax.jit, static_argnames=("last_only",))
+        def prefill(state, tokens, last_only=False):
+            return nnx.merge(gd, state).prefill(tokens, max_len, last_only=last_only)
+
+        @functools.partial(jax.jit, donate_argnums=(2,), static_argnames=("last_only",))
+        def extend(state, tokens, cache, last_only=False):
+            return nnx.merge(gd, state).extend(tokens, cache, last_only=last_only)
 
         @functools.partial(jax.jit, donate_argnums=(2,))
         def decode(state, token, cache):
@@ -41,14 +59,25 @@ class Engine:
         def mtp(state, X, next_tokens):
             return nnx.merge(gd, state).mtp_logits(X, next_tokens)[0]
 
-        self._prefill, self._decode, self._mtp = prefill, decode, mtp
+        self._prefill, self._extend, self._decode, self._mtp = prefill, extend, decode, mtp
 
-    def prefill(self, tokens):
-        """tokens int ``[B, S]`` -> (logits fp32 ``[B, S, V]``, Cache at position S, final state ``[B, S, hc, D]``)."""
+    def prefill(self, tokens, *, last_only: bool = False):
+        """tokens int ``[B, S]`` -> (logits fp32 ``[B, S, V]``, Cache at position S, final state
+        ``[B, S, hc, D]``); with ``last_only`` logits and state of the last position (``[B, 1, ...]``)."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds the engine's max_len {self.max_len}")
-        return self._prefill(self.state, tokens)
+        S, c = tokens.shape[1], self.prefill_chunk
+        if S > self.max_len:
+            raise ValueError(f"prefill of {S} tokens exceeds the engine's max_len {self.max_len}")
+        if c is None or S <= c:
+            return self._prefill(self.state, tokens, last_only=last_only)
+        logits, cache, X = self._prefill(self.state, tokens[:, :c], last_only=last_only)
+        parts = [(logits, X)]
+        for start in tqdm(range(c, S, c), desc="prefill chunks", unit="chunk", disable=not self.progress):
+            logits, cache, X = self._extend(self.state, tokens[:, start:start + c], cache, last_only=last_only)
+            parts.append((logits, X))
+        if last_only:
+            return logits, cache, X
+        return jnp.concatenate([p[0] for p in parts], 1), cache, jnp.concatenate([p[1] for p in parts], 1)
 
     def decode(self, token, cache):
         """token int ``[B]`` -> (logits fp32 ``[B, V]``, next cache). The cache passed in is consumed."""
@@ -197,7 +226,7 @@ def generate(engine: Engine, prompts, *, max_new_tokens: int, temperature: float
     out = [Generation([], "length") for _ in range(B)]
     done = [max_new_tokens == 0] * B
     P = prefill_length(min(lens), prefill_bucket)
-    logits, cache, _ = engine.prefill(np.array([p[:P] for p in prompts], np.int32))
+    logits, cache, _ = engine.prefill(np.array([p[:P] for p in prompts], np.int32), last_only=True)
     last = logits[:, -1]
     key = jax.random.key(seed)
     t = P  # position of the token fed next

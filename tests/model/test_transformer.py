@@ -155,3 +155,32 @@ def test_cache_bytes_fp8_kv():
     assert r["parts"]["ikv"] == sum(1024 // 4 * (ID // 2 + ID // 32) for m in cfg.compress_ratios[:cfg.num_hidden_layers]
                                     if m == 4)
     assert r["parts"]["win_kv"] == cache_bytes(cfg, 1024, mode="production")["parts"]["win_kv"]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_chunked_prefill_equals_one_prefill(impl):
+    """45 tokens in chunks of 16 (the last one ragged, ending inside a compressed block) give the
+    logits, state and cache of one prefill, and decoding continues alike."""
+    model = Transformer(small_config(attention_impl=impl), mode="exact", rngs=nnx.Rngs(0))
+    assert model.chunk_alignment() == 8                        # window 8, ratios 4 and 8
+    S, M = 45, 4
+    tokens = jax.random.randint(jax.random.key(8), (2, S + M), 0, model.cfg.vocab_size)
+    one, chunked = Engine(model, max_len=S + M), Engine(model, max_len=S + M, prefill_chunk=16)
+    la, ca, Xa = one.prefill(tokens[:, :S])
+    lb, cb, Xb = chunked.prefill(tokens[:, :S])
+    chex.assert_shape(lb, (2, S, model.cfg.vocab_size))
+    assert _rel(lb, la).max() < 1e-5
+    chex.assert_trees_all_close(Xb, Xa, atol=1e-4)
+    chex.assert_trees_all_close(cb, ca, atol=1e-4)             # rings, compressed entries, indexer keys
+    last, _, _ = one.prefill(tokens[:, :S], last_only=True)
+    assert _rel(last[:, 0], la[:, -1]).max() < 1e-5
+    for t in range(S, S + M):                                   # one compiled decode step for both caches
+        sa, ca = one.decode(tokens[:, t], ca)
+        sb, cb = one.decode(tokens[:, t], cb)
+        assert _rel(sb, sa).max() < 1e-5
+
+
+def test_prefill_chunk_must_follow_the_alignment():
+    model = _model("mixed")
+    with pytest.raises(ValueError, match="multiple of 8 .*window 8"):
+        Engine(model, max_len=64, prefill_chunk=12)

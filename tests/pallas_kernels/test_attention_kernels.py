@@ -214,6 +214,29 @@ def test_xla_backend_is_the_reference():
     chex.assert_trees_all_equal(got, want)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_with_kv_start_equals_the_full_kv(mode):
+    """A chunk of queries (chunked prefill) against kv rows from kv_start on: the reference's answer
+    equals the one from the whole kv (the rows before kv_start are out of every query's window)."""
+    rng = np.random.default_rng(4)
+    B, S, H, D, W, q0 = 2, 6, 3, 32, 5, 17
+    T, N = q0 + S, (q0 + S) // 4
+    q = jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32)
+    kv = jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32)
+    ckv = jnp.asarray(rng.standard_normal((B, N, D)), jnp.float32)
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = jnp.asarray(_topk(rng, B, S, 3, q0, N))
+    kw = dict(window=W, scale=D ** -0.5, backend="xla")
+    for ks in (q0 - W + 1, q0 - W - 2):
+        def attend(kv, ks):
+            if mode == "csa":
+                return pk.sparse_attention(q, kv, ckv, idx, sink, q_start=q0, kv_start=ks, **kw)
+            if mode == "hca":
+                return pk.compressed_attention(q, kv, ckv, sink, ratio=4, q_start=q0, kv_start=ks, **kw)
+            return pk.window_attention(q, kv, sink, q_start=q0, kv_start=ks, **kw)
+        chex.assert_trees_all_equal(attend(kv[:, ks:], ks), attend(kv, 0))
+
+
 def test_rejects_bad_shapes():
     q = jnp.zeros((1, 4, 2, 16))
     with pytest.raises(ValueError, match="kv must cover"):

@@ -19,7 +19,7 @@ import pallas_kernels
 from pallas_kernels import reference
 from v4jax import quant
 from v4jax.config import ModelConfig
-from v4jax.model.cache import AttnCache, Fp8Rows, ring_from_sequence, ring_positions, rows_array
+from v4jax.model.cache import AttnCache, Fp8Rows, ring_from_rows, ring_from_sequence, ring_positions, rows_array
 from v4jax.model.compressor import Compressor
 from v4jax.model.indexer import Indexer
 from v4jax.model import layers
@@ -205,6 +205,36 @@ class Attention(nnx.Module):
         o = self._decode_attention(q, win_kv, ckv, idx, t)
         return self._output(o, pos), cache.replace(**new)
 
+    def extend(self, x, t0, cache: AttnCache):
+        """A chunk x ``[B, C, D]`` at positions t0 … t0+C-1 after the positions in ``cache`` (chunked
+        prefill). t0 (int32 scalar, may be traced) must be >= the window and a multiple of the
+        compress ratio (``Transformer.extend`` states the rule). -> (out ``[B, C, D]``, new cache)."""
+        B, C, _ = x.shape
+        W, pos = self.window, t0 + jnp.arange(C)
+        qr, q, kv = self._qkv(x, pos)
+        sink = self.attn_sink[...]
+        fns, kw = self._kernels()
+        kw = dict(kw, window=W, scale=self.head_dim ** -0.5, q_start=t0, kv_start=t0 - W)
+        ring = jnp.take(cache.win_kv, (t0 - W + jnp.arange(W)) % W, axis=1)    # positions t0-W … t0-1
+        kv = jnp.concatenate([ring.astype(kv.dtype), kv], axis=1)
+        new = dict(win_kv=ring_from_rows(kv, t0 + C, W).astype(cache.win_kv.dtype))
+        if self.ratio == 0:
+            return self._output(fns.window_attention(q, kv, sink, **kw), pos), cache.replace(**new)
+        entries, (ck, cs) = self.compressor.extend(x, t0, (cache.comp_k, cache.comp_s))
+        ckv = _write_rows(cache.ckv, self._store(self._quant_kv(entries.astype(x.dtype))), t0 // self.ratio)
+        new.update(ckv=ckv, comp_k=ck, comp_s=cs)
+        ckv = rows_array(ckv, x.dtype)       # every entry; the kernels mask those after a query
+        if self.ratio == 4:
+            ientries, (ik, is_) = self.indexer.compressor.extend(x, t0, (cache.icomp_k, cache.icomp_s))
+            ikv = _write_rows(cache.ikv, self.indexer.store(self.indexer.keys(ientries)), t0 // 4)
+            new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
+            qi, w = self.indexer.queries(x, qr, pos)
+            topk = self.indexer.select(qi, w, self.indexer.load(ikv), pos)
+            o = fns.sparse_attention(q, kv, ckv, topk, sink, **kw)
+        else:
+            o = fns.compressed_attention(q, kv, ckv, sink, ratio=self.ratio, **kw)
+        return self._output(o, pos), cache.replace(**new)
+
     def _decode_attention(self, q, win_kv, ckv, idx, t):
         """q ``[B, 1, H, hd]`` at position t against the window ring and the compressed entries."""
         B, W = q.shape[0], self.window
@@ -306,6 +336,12 @@ def _fill(entries, n: int):
     if N > n:
         raise ValueError(f"prefill produced {N} compressed entries, the cache holds {n}")
     return jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, n - N), (0, 0))), entries)
+
+
+def _write_rows(buf, rows, j0):
+    """Rows ``[B, n, d]`` written as entries j0 … j0+n-1 of ``buf [B, N, d]`` (both arrays, or both
+    ``Fp8Rows`` / ``Fp4Rows``)."""
+    return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r.astype(b.dtype), j0, axis=1), buf, rows)
 
 
 def _write_entry(buf, entry, done, t, ratio: int):

@@ -104,6 +104,14 @@ def ring_from_sequence(x, L: int):
     return jnp.zeros_like(rows).at[:, p % L].set(rows)
 
 
+def ring_from_rows(x, end, L: int):
+    """Ring ``[B, L, ...]`` of the last ``L`` rows of ``x [B, S, ...]`` (S >= L), whose last row is
+    position ``end - 1`` (may be traced): slot = position mod L."""
+    p = end - L + jnp.arange(L)
+    rows = x[:, -L:]
+    return jnp.zeros_like(rows).at[:, p % L].set(rows)
+
+
 def ring_positions(t, L: int):
     """Position held by each ring slot when the newest position is ``t``: ``[L]`` (negative = empty)."""
     i = jnp.arange(L)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from v4jax.model.cache import ring_from_sequence
+from v4jax.model.cache import ring_from_rows, ring_from_sequence
 from v4jax.model.layers import HIGHEST, Linear, Numerics, RMSNorm, dot_f32, param
 from v4jax.model.rope import apply_rope, rope_tables
 
@@ -95,6 +95,24 @@ class Compressor(nnx.Module):
         j = jnp.arange(N)
         pooled = pool(kb, sb, k_prev, s_prev, jnp.broadcast_to(j >= 1, (B, N)), self.overlap)
         return self.finish(pooled, j), k, s
+
+    def extend(self, x, t0, state):
+        """A chunk x ``[B, C, D]`` at positions t0 … t0+C-1 after the tokens in ``state``; t0 (may be
+        traced) a multiple of m and >= c·m. Returns (the C // m entries completed in the chunk, fp32
+        ``[B, C // m, d]``, entry indices from t0 / m; new state)."""
+        B, C, _ = x.shape
+        m, L = self.ratio, self.c * self.ratio
+        k, s = self.project(x, t0 + jnp.arange(C))
+        before = (t0 - L + jnp.arange(L)) % L                  # ring slots of positions t0-L … t0-1
+        ring_k, ring_s = state
+        k_all = jnp.concatenate([ring_k[:, before], k], axis=1)  # positions t0-L … t0+C-1
+        s_all = jnp.concatenate([ring_s[:, before], s], axis=1)
+        N = C // m
+        blocks = lambda a, first: a[:, first:first + N * m].reshape(B, N, m, a.shape[-1])
+        j = t0 // m + jnp.arange(N)
+        pooled = pool(blocks(k_all, L), blocks(s_all, L), blocks(k_all, L - m), blocks(s_all, L - m),
+                      jnp.broadcast_to(j >= 1, (B, N)), self.overlap)
+        return self.finish(pooled, j), (ring_from_rows(k_all, t0 + C, L), ring_from_rows(s_all, t0 + C, L))
 
     # ------------------------------------------------------------------ decoding state
     def state_from_prefill(self, k, s):

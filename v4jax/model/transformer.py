@@ -6,6 +6,8 @@ and the embedding of the next token and predicts the token after it.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -57,9 +59,11 @@ class Block(nnx.Module):
         return hc_post(y, X, post, C), cache, {**route, **aux}
 
     def decode(self, X, tokens, t, cache):
-        """X ``[B, 1, hc, D]`` at position t -> (X', new AttnCache)."""
+        """X ``[B, S, hc, D]`` at positions t … t+S-1 after those in the cache -> (X', new AttnCache).
+        S = 1: one decode step, any t; S > 1: a chunk (``Attention.extend``'s rule on t)."""
         pre, post, C = self._mixes(X, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale)
-        y, cache = self.attn.decode(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), t, cache)
+        attn = self.attn.decode if X.shape[1] == 1 else self.attn.extend
+        y, cache = attn(self.attn_norm(hc_pre(X, pre, self.numerics.dtype)), t, cache)
         X = hc_post(y, X, post, C)
         pre, post, C = self._mixes(X, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale)
         y, _ = self.ffn(self.ffn_norm(hc_pre(X, pre, self.numerics.dtype)), tokens)
@@ -168,16 +172,41 @@ class Transformer(nnx.Module):
         return [self.logits_from_state(Xj, owner=blk) for blk, Xj in states], infos
 
     # ------------------------------------------------------------------ decoding
-    def prefill(self, tokens, max_len: int):
-        """tokens ``[B, S]`` -> (logits ``[B, S, V]``, Cache ready for position S, final state)."""
+    def prefill(self, tokens, max_len: int, *, last_only: bool = False):
+        """tokens ``[B, S]`` -> (logits ``[B, S, V]``, Cache ready for position S, final state); with
+        ``last_only`` logits and state of the last position only (``[B, 1, ...]``)."""
         if tokens.shape[1] > max_len:
             raise ValueError(f"prefill of {tokens.shape[1]} tokens exceeds max_len {max_len}")
-        logits, X, caches, _ = self(tokens, max_len=max_len)
+        logits, X, caches, _ = self(tokens, max_len=max_len, logits=not last_only)
+        if last_only:
+            X = X[:, -1:]
+            logits = self.logits_from_state(X)
         return logits, Cache(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=caches), X
 
     def init_cache(self, batch: int, max_len: int) -> Cache:
         return Cache(pos=jnp.asarray(0, jnp.int32),
                      layers=[l.attn.empty_cache(batch, max_len, self.numerics.dtype) for l in self.layers])
+
+    def chunk_alignment(self) -> int:
+        """Chunked prefill (``extend``) may start only at positions that are multiples of this: the
+        least common multiple of the compress ratios and the window, so every compressed block starts
+        inside a chunk and the window's keys are all cached."""
+        return math.lcm(self.cfg.sliding_window, *(m for m in self.cfg.compress_ratios[:len(self.layers)] if m))
+
+    def extend(self, tokens, cache: Cache, *, last_only: bool = False):
+        """Chunked prefill: tokens ``[B, C]`` at positions ``cache.pos`` … ``cache.pos+C-1`` -> (logits
+        fp32 ``[B, C, V]`` (``[B, 1, V]`` for the last position with ``last_only``), cache for the next
+        position, final state of those positions). ``cache.pos`` must be a positive multiple of
+        ``chunk_alignment()`` (not checked here: it may be traced; ``Engine.prefill`` checks it)."""
+        t0 = cache.pos
+        X = self._embed(tokens)
+        new = []
+        for layer, c in zip(self.layers, cache.layers):
+            X, c = layer.decode(X, tokens, t0, c)
+            new.append(c)
+        if last_only:
+            X = X[:, -1:]
+        return self.logits_from_state(X), Cache(pos=t0 + tokens.shape[1], layers=new), X
 
     def decode(self, token, cache: Cache):
         """token int ``[B]`` at position ``cache.pos`` -> (logits fp32 ``[B, V]``, cache for the next position)."""
