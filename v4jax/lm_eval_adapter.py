@@ -47,20 +47,21 @@ class V4JaxLM(_Base):
     Build from ``checkpoint=`` (HF or orbax form) or ``config=`` (random model from a preset), or pass a
     ready ``engine=`` and ``tokenizer=`` (a ``tokenizers.Tokenizer`` or a path). ``max_length``: the
     longest sequence scored or generated (default: the engine's ``max_len``, else 2048). ``kv_cache``:
-    ``auto`` | ``fp8`` (as ``eval.py --kv-cache``).
+    ``auto`` | ``fp8`` (as ``eval.py --kv-cache``); ``prefill_chunk``: as ``eval.py --prefill-chunk``.
     """
 
     def __init__(self, checkpoint=None, config=None, *, engine: Engine | None = None, tokenizer=None,
                  mode: str = "exact", layout: str = "float", attention_impl: str | None = None,
-                 moe_impl: str | None = None, kv_cache: str = "auto", max_length: int | None = None, batch_size=1,
-                 max_batch_size=None,
+                 moe_impl: str | None = None, kv_cache: str = "auto", prefill_chunk: int | None = None,
+                 max_length: int | None = None, batch_size=1, max_batch_size=None,
                  max_gen_toks: int = 256, seed: int = 0, device=None, progress: bool = True):
         if _Base is not object:
             super().__init__()
         if engine is None:
             model = load_any(checkpoint, config, mode=mode, layout=layout, attention_impl=attention_impl,
                              moe_impl=moe_impl, seed=int(seed), progress=progress, kv_cache=kv_cache)
-            engine = Engine(model, max_len=int(max_length or 2048))
+            engine = Engine(model, max_len=int(max_length or 2048),
+                            prefill_chunk=int(prefill_chunk) if prefill_chunk is not None else None)
         if tokenizer is None or isinstance(tokenizer, str):
             self.tok, path = load_tokenizer_for(checkpoint, tokenizer)
         else:

@@ -98,7 +98,7 @@ class Compressor(nnx.Module):
 
     def extend(self, x, t0, state):
         """A chunk x ``[B, C, D]`` at positions t0 … t0+C-1 after the tokens in ``state``; t0 (may be
-        traced) a multiple of m and >= c·m. Returns (the C // m entries completed in the chunk, fp32
+        traced) a positive multiple of m. Returns (the C // m entries completed in the chunk, fp32
         ``[B, C // m, d]``, entry indices from t0 / m; new state)."""
         B, C, _ = x.shape
         m, L = self.ratio, self.c * self.ratio
