@@ -15,7 +15,9 @@ input read once and every output written once.
 Kind ``indexer``: top-k selection (``indexer_topk``, IH=64 heads of ID=128, top-k 512 over the
 ratio-4 entries; forward only: indices have no gradient) against the chunked XLA reference
 (``backend="xla"``, what ``attention_impl: xla`` runs). FLOPs: 2*ID*IH per query and visible
-entry; bytes: q, w, the keys and the indices.
+entry; bytes: q, w, the keys and the indices. Decode rows come twice: bf16 keys, and ``fp4``
+keys as ``--kv-cache fp8`` stores them (68 bytes a key, decoded inside the kernel; the reference
+dequantises them first).
 
 Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
         python benchmarks/attention.py --smoke    # tiny shapes, Pallas interpret mode, any CPU
@@ -153,16 +155,24 @@ def _decode_case(kind, cfg, B, ctx, key):
     return (q, kv, ckv, sink), kernel, xla
 
 
-def _indexer_case(cfg, B, S, q_start, N, key):
-    """Indexer top-k for S queries at q_start over N entries: (inputs, make(**extra) -> fn, FLOPs, bytes)."""
+def _indexer_case(cfg, B, S, q_start, N, key, fp4=False):
+    """Indexer top-k for S queries at q_start over N entries (keys bf16 or, with ``fp4``, as an
+    FP8 cache holds them): (inputs, make(**extra) -> fn, FLOPs, bytes)."""
     IH, ID = cfg["index_heads"], cfg["index_dim"]
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     q = jax.random.normal(k1, (B, S, IH, ID), jnp.bfloat16)
     w = jax.random.normal(k2, (B, S, IH), jnp.float32)
-    k = jax.random.normal(k3, (B, N, ID), jnp.bfloat16)
+    if fp4:
+        n = -(-ID // 32)
+        k = pk.Fp4Keys(jax.random.randint(k3, (B, N, n * 16), 0, 256).astype(jnp.uint8),
+                       jax.random.randint(k4, (B, N, n), -8, 8).astype(jnp.int8))
+        key_bytes = k.packed.size + k.exps.size
+    else:
+        k = jax.random.normal(k3, (B, N, ID), jnp.bfloat16)
+        key_bytes = k.size * 2
     visible = np.minimum((q_start + np.arange(S, dtype=np.int64) + 1) // CSA_RATIO, N).sum()
     flops = 2 * ID * IH * B * int(visible)
-    nbytes = q.size * 2 + w.size * 4 + k.size * 2 + B * S * cfg["topk"] * 4
+    nbytes = q.size * 2 + w.size * 4 + key_bytes + B * S * cfg["topk"] * 4
 
     def make(**extra):
         return jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, cfg["topk"], q_start=q_start, **extra))
@@ -170,10 +180,11 @@ def _indexer_case(cfg, B, S, q_start, N, key):
 
 
 def _indexer_rows(cfg, prefill, decode, extra, reps, no_reference, peak_f, peak_b, key):
-    cases = [(f"prefill S={S}", 1, S, 0, S // CSA_RATIO) for S in prefill]
-    cases += [(f"decode B={B} ctx={c}", B, 1, c - 1, c // CSA_RATIO) for B, c in decode]
-    for label, B, S, q_start, N in cases:
-        inputs, make, flops, nbytes = _indexer_case(cfg, B, S, q_start, N, key)
+    cases = [(f"prefill S={S}", 1, S, 0, S // CSA_RATIO, False) for S in prefill]
+    for B, c in decode:
+        cases += [(f"decode B={B} ctx={c}{' fp4' * fp4}", B, 1, c - 1, c // CSA_RATIO, fp4) for fp4 in (False, True)]
+    for label, B, S, q_start, N, fp4 in cases:
+        inputs, make, flops, nbytes = _indexer_case(cfg, B, S, q_start, N, key, fp4)
         t_k, e1 = _try(make(**extra), *inputs, reps=reps)
         t_x, e2 = (None, "reference skipped") if no_reference else _try(
             make(backend="xla"), *inputs, reps=reps)
@@ -206,7 +217,7 @@ def _row(kind, label, pazz, t_k, t_x, flops, nbytes, peak_flops, peak_bw, note):
     else:
         perf = f"{'—':>8} {'—':>8} {'—':>8}"
     speed = f"{t_x / t_k:7.2f}x" if (t_k and t_x) else f"{'—':>8}"
-    print(f"{kind:6} {label:22} {pazz:4} {fmt(t_k)} {perf} {fmt(t_x)} {speed}  {note}")
+    print(f"{kind:6} {label:28} {pazz:4} {fmt(t_k)} {perf} {fmt(t_x)} {speed}  {note}")
 
 
 def main():
@@ -235,7 +246,7 @@ def main():
           f"HCA ratio={cfg['ratio']} bf16; floors: {args.peak_tflops:.0f} TFLOP/s, {args.peak_tbps:.2f} TB/s")
     if args.smoke:
         print("smoke run: interpret mode on tiny shapes; times and floor fractions are meaningless")
-    print(f"{'kind':6} {'shape':22} {'pass':4} {'kernel ms':>10} {'TFLOP/s':>8} {'%compute':>8} "
+    print(f"{'kind':6} {'shape':28} {'pass':4} {'kernel ms':>10} {'TFLOP/s':>8} {'%compute':>8} "
           f"{'%memory':>8} {'XLA ms':>10} {'speedup':>8}")
     key = jax.random.PRNGKey(0)
     for kind in args.kinds.split(","):

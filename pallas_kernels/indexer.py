@@ -1,7 +1,8 @@
 """Lightning indexer of CSA layers: scores and top-k selection without the ``[S, H, N]`` products.
 
 ``indexer_scores`` is one Pallas kernel (``_indexer.py``) that reduces over the indexer heads
-inside each ``[bq, bk]`` tile. ``indexer_topk`` scores the queries in chunks and keeps only the
+inside each tile (a decode-shaped kernel for up to ``DECODE_MAX_S`` queries). Keys may be FP4
+(``Fp4Keys``, as an FP8 KV cache holds them): the kernels decode them tile by tile. ``indexer_topk`` scores the queries in chunks and keeps only the
 top-k of each chunk, so neither the per-head products nor the full ``[S, N]`` score matrix is
 ever materialised: the largest intermediate is ``[B, chunk, N]`` float32.
 Semantics: ``reference.indexer_scores`` / ``reference.indexer_topk``.
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _core, _indexer, reference
+from pallas_kernels.reference import FP4_BLOCK, Fp4Keys
 
+DECODE_MAX_S = _indexer.DECODE_MAX_S
 CHUNK_BYTES = 256 << 20  # score buffer per chunk of queries in indexer_topk
 
 
@@ -23,9 +26,21 @@ def _validate(q, w, k, ratio, q_start):
     B, S, H, D = q.shape
     if w.shape != (B, S, H):
         raise ValueError(f"w must be [B={B}, S={S}, IH={H}], got shape {w.shape}")
-    if k.ndim != 3 or k.shape[0] != B or k.shape[2] != D:
-        raise ValueError(f"k must be [B={B}, N, ID={D}], got shape {k.shape}")
-    for name, x in (("q", q), ("w", w), ("k", k)):
+    floats = [("q", q), ("w", w)]
+    if isinstance(k, Fp4Keys):
+        n = -(-D // FP4_BLOCK)
+        if k.packed.ndim != 3 or k.packed.shape[0] != B or k.packed.shape[2] != n * FP4_BLOCK // 2:
+            raise ValueError(f"Fp4Keys.packed must be [B={B}, N, {n * FP4_BLOCK // 2}] for ID={D}, "
+                             f"got shape {k.packed.shape}")
+        if k.exps.shape != k.packed.shape[:2] + (n,):
+            raise ValueError(f"Fp4Keys.exps must be {k.packed.shape[:2] + (n,)}, got shape {k.exps.shape}")
+        if k.packed.dtype != jnp.uint8 or k.exps.dtype != jnp.int8:
+            raise ValueError(f"Fp4Keys must be (uint8, int8) arrays, got ({k.packed.dtype}, {k.exps.dtype})")
+    else:
+        if k.ndim != 3 or k.shape[0] != B or k.shape[2] != D:
+            raise ValueError(f"k must be [B={B}, N, ID={D}], got shape {k.shape}")
+        floats.append(("k", k))
+    for name, x in floats:
         if x.dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"{name} dtype must be float32 or bfloat16, got {x.dtype}")
     if ratio < 1:
@@ -42,22 +57,33 @@ def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0, interpret: bool = Fals
     Args:
       q: [B, S, IH, ID] float32 | bfloat16, indexer queries at positions q_start ... q_start+S-1.
       w: [B, S, IH] per-head weights (any float dtype; used in float32).
-      k: [B, N, ID] compressed indexer keys (q and k of mixed dtypes compute in the promoted one).
+      k: [B, N, ID] compressed indexer keys (q and k of mixed dtypes compute in the promoted one),
+        or ``Fp4Keys`` (their values are used in q's dtype).
       ratio: entry j is visible to position t when ``j < (t + 1) // ratio``.
       q_start: int or int32 scalar (may be traced).
       interpret / backend: as for ``sparse_attention``.
     """
     _validate(q, w, k, ratio, q_start)
-    S, N = q.shape[1], k.shape[1]
+    S, N = q.shape[1], _n_keys(k)
     backend = _core.resolve_backend(backend, interpret)
     if backend == "xla":
         return reference.indexer_scores(q, w, k, ratio=ratio, q_start=q_start)
     if N == 0:
         return jnp.full((q.shape[0], S, 0), -jnp.inf, jnp.float32)
-    dt = jnp.result_type(q, k)
-    out = _indexer.scores(q.astype(dt), w, k.astype(dt), q_start, ratio=ratio, backend=backend,
-                          interpret=interpret)
+    q, k = _common_dtype(q, k)
+    out = _indexer.scores(q, w, k, q_start, ratio=ratio, backend=backend, interpret=interpret)
     return out[:, :S, :N]
+
+
+def _n_keys(k):
+    return k.packed.shape[1] if isinstance(k, Fp4Keys) else k.shape[1]
+
+
+def _common_dtype(q, k):
+    if isinstance(k, Fp4Keys):
+        return q, k
+    dt = jnp.result_type(q, k)
+    return q.astype(dt), k.astype(dt)
 
 
 def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0, chunk: int | None = None,
@@ -75,15 +101,16 @@ def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0, chunk: int | 
         raise ValueError(f"topk must be >= 1, got {topk}")
     backend = _core.resolve_backend(backend, interpret)
     B, S, H, D = q.shape
-    N = k.shape[1]
+    N = _n_keys(k)
     if N == 0:
         return jnp.full((B, S, topk), -1, jnp.int32)
-    dt = jnp.result_type(q, k)
-    q, k = q.astype(dt), k.astype(dt)
+    q, k = _common_dtype(q, k)
     if backend == "xla":
         step, row_bytes = 1, 4 * B * H * N
+        if isinstance(k, Fp4Keys):  # decoded once, not per chunk
+            k = reference.dequant_fp4_keys(k, D, q.dtype)
     else:
-        step, row_bytes = _indexer.choose_tiles(backend, S, H, D, dt).bq, 4 * B * (pl.cdiv(N, 128) * 128)
+        step, row_bytes = _indexer.choose_tiles(backend, S, H, D, q.dtype).bq, 4 * B * (pl.cdiv(N, 128) * 128)
     if chunk is None:
         chunk = max(step, CHUNK_BYTES // row_bytes // step * step)
     if chunk < 1:

@@ -14,10 +14,31 @@ Shapes (B batch, S queries, H heads, D head width, T raw positions, N compressed
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 _NEG = -jnp.inf
+FP4_BLOCK = 32  # dims per scale of FP4 indexer keys (SPEC §5c)
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 e2m1 magnitudes by code & 7
+
+
+class Fp4Keys(NamedTuple):
+    """Indexer keys ``[B, N, ID]`` in FP4 (SPEC §5c): e2m1 codes, two per byte (low nibble = even
+    dim; bit 3 of a code is the sign), and one power-of-two scale ``2^e`` per 32 dims. A partial
+    last block is zero-padded. ``dequant_fp4_keys`` gives the values."""
+    packed: jax.Array  # uint8 [B, N, ceil(ID/32)·16]
+    exps: jax.Array    # int8 [B, N, ceil(ID/32)], e in [-126, 126]
+
+
+def dequant_fp4_keys(keys: Fp4Keys, dim: int, dtype):
+    """``Fp4Keys`` -> ``[B, N, dim]`` keys in ``dtype`` (exact for float32 and bfloat16)."""
+    b = keys.packed.astype(jnp.int32)
+    codes = jnp.stack([b & 15, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])
+    mag = jnp.asarray(_E2M1, jnp.float32)[codes & 7]
+    scale = jnp.repeat(jnp.ldexp(jnp.float32(1.0), keys.exps.astype(jnp.int32)), FP4_BLOCK, axis=-1)
+    return (jnp.where(codes >= 8, -mag, mag) * scale)[..., :dim].astype(dtype)
 
 
 def _precision(dtype):
@@ -112,8 +133,11 @@ def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0):
     """Lightning-indexer scores ``[B, S, N]`` float32, -inf where ``j >= (t + 1) // ratio``.
 
     q [B, S, IH, ID] indexer queries, w [B, S, IH] head weights, k [B, N, ID] compressed indexer
-    keys: ``score[t, j] = Σ_h w[t, h] · relu(q[t, h] · k[j])``.
+    keys (or ``Fp4Keys``, used as their values in q's dtype):
+    ``score[t, j] = Σ_h w[t, h] · relu(q[t, h] · k[j])``.
     """
+    if isinstance(k, Fp4Keys):
+        k = dequant_fp4_keys(k, q.shape[-1], q.dtype)
     S, N = q.shape[1], k.shape[1]
     qk = jnp.einsum("bshd,bnd->bshn", q, k, precision=_precision(jnp.result_type(q, k)),
                     preferred_element_type=jnp.float32)

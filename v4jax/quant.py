@@ -157,7 +157,7 @@ def quant_fp8_act(x, block: int = 128):
     e = _pow2_scale_exponent(amax, FP8_MAX, 1e-4)  # in [-22, 120] for finite x: fits an int8
     codes = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
     d = x.shape[-1]
-    return codes.reshape(*x.shape[:-1], -1)[..., :d], e[..., 0].astype(jnp.int8)
+    return codes.reshape(*x.shape[:-1], codes.shape[-2] * block)[..., :d], e[..., 0].astype(jnp.int8)
 
 
 def dequant_fp8_act(codes, exponents, block: int = 128, dtype=jnp.float32):
@@ -180,8 +180,9 @@ def quant_fp4_act(x, block: int = 32):
 
     ``x [..., d]`` -> (packed uint8 ``[..., n·block/2]`` with n = ceil(d/block): two codes per byte,
     low nibble first, as ``unpack_fp4`` reads them; a partial last block is zero-padded; exponents
-    int8 ``[..., n]``, ``s = 2^e``). The sign bit is kept for zeros, so ``dequant_fp4_act`` returns
-    exactly ``fake_quant_fp4``'s values, signed zeros included.
+    int8 ``[..., n]``, ``s = 2^e``). The sign bit is kept for zeros, so decoding
+    (``pallas_kernels.reference.dequant_fp4_keys``) gives exactly ``fake_quant_fp4``'s values,
+    signed zeros included.
     """
     xf, _ = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
@@ -189,14 +190,8 @@ def quant_fp4_act(x, block: int = 32):
     v = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP4_MAX, FP4_MAX)
     v = v.astype(jnp.float4_e2m1fn).astype(jnp.float32)
     idx = jnp.argmax(jnp.abs(v)[..., None] == jnp.asarray(FP4_VALUES[:8]), axis=-1)
-    codes = (idx + 8 * jnp.signbit(v)).astype(jnp.uint8).reshape(*x.shape[:-1], -1, 2)
+    codes = (idx + 8 * jnp.signbit(v)).astype(jnp.uint8).reshape(*x.shape[:-1], v.shape[-2] * block // 2, 2)
     return codes[..., 0] | (codes[..., 1] << 4), e[..., 0].astype(jnp.int8)
-
-
-def dequant_fp4_act(packed, exponents, d: int, block: int = 32, dtype=jnp.float32):
-    """Inverse of ``quant_fp4_act`` for ``d`` dims (exact)."""
-    s = jnp.repeat(jnp.ldexp(jnp.float32(1.0), exponents.astype(jnp.int32)), block, axis=-1)
-    return (unpack_fp4(packed) * s)[..., :d].astype(dtype)
 
 
 def fake_quant_fp4(x, block: int = 32):

@@ -157,13 +157,14 @@ def test_cache_bytes_fp8_kv():
     assert r["parts"]["win_kv"] == cache_bytes(cfg, 1024, mode="production")["parts"]["win_kv"]
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_chunked_prefill_equals_one_prefill(impl):
-    """45 tokens in chunks of 16 (the last one ragged, ending inside a compressed block) give the
-    logits, state and cache of one prefill, and decoding continues alike."""
-    model = Transformer(small_config(attention_impl=impl), mode="exact", rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("impl,mode,kv_cache", [("xla", "exact", "auto"), ("pallas", "qat", "fp8")])
+def test_chunked_prefill_equals_one_prefill(impl, mode, kv_cache):
+    """37 tokens in chunks of 16 (the last one of 5 tokens: it finishes no ratio-8 entry and ends
+    inside a compressed block) give the logits, state and cache of one prefill, and decoding
+    continues alike; with the FP8 cache too (the indexer kernels read its FP4 keys)."""
+    model = Transformer(small_config(attention_impl=impl), mode=mode, kv_cache=kv_cache, rngs=nnx.Rngs(0))
     assert model.chunk_alignment() == 8                        # window 8, ratios 4 and 8
-    S, M = 45, 4
+    S, M = 37, 4
     tokens = jax.random.randint(jax.random.key(8), (2, S + M), 0, model.cfg.vocab_size)
     one, chunked = Engine(model, max_len=S + M), Engine(model, max_len=S + M, prefill_chunk=16)
     la, ca, Xa = one.prefill(tokens[:, :S])

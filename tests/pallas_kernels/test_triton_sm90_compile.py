@@ -110,17 +110,25 @@ def _compile_sm90(name, asm, tmp_path, *, num_warps, num_stages):
     return int(match.group(1)), int(match.group(2)), kernel.metadata.shared
 
 
+@pytest.mark.parametrize("keys", ["float", "fp4"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("S", [4096, 1], ids=["prefill", "decode"])
-def test_indexer_compiles_for_sm90_without_spills(S, dtype, tmp_path):
+def test_indexer_compiles_for_sm90_without_spills(S, dtype, keys, tmp_path):
+    from pallas_kernels import _indexer
+
     sd = jax.ShapeDtypeStruct
-    args = (sd((1, S, 64, 128), dtype), sd((1, S, 64), jnp.float32), sd((1, 16384, 128), dtype))
+    N = 16384
+    k = (pk.Fp4Keys(sd((1, N, 64), jnp.uint8), sd((1, N, 4), jnp.int8)) if keys == "fp4"
+         else sd((1, N, 128), dtype))
+    args = (sd((1, S, 64, 128), dtype), sd((1, S, 64), jnp.float32), k)
     with _capture_triton_ir() as modules:
         jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, 512, q_start=65535 if S == 1 else 0,
                                                 backend="triton")).trace(*args).lower(lowering_platforms=("cuda",))
     assert len(modules) == 1
-    regs, stack, shared = _compile_sm90(*modules[0], tmp_path, num_warps=4, num_stages=2)
-    print(f"indexer S={S} {jnp.dtype(dtype).name}: REG:{regs} STACK:{stack} shared={shared}")
+    tiles = _indexer.choose_tiles("triton", S, 64, 128, dtype, fp4=keys == "fp4",
+                                   decode=_indexer.use_decode_kernel("triton", S, dtype))
+    regs, stack, shared = _compile_sm90(*modules[0], tmp_path, num_warps=tiles.num_warps, num_stages=2)
+    print(f"indexer S={S} {jnp.dtype(dtype).name} {keys} keys: REG:{regs} STACK:{stack} shared={shared}")
     assert stack == 0, f"indexer: register spills (REG:{regs} STACK:{stack})"
     assert shared <= 227 * 1024
 

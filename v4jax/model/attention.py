@@ -200,7 +200,7 @@ class Attention(nnx.Module):
                 ientry, _, (ik, is_) = self.indexer.compressor.decode(x, t, (cache.icomp_k, cache.icomp_s))
                 ikv = _write_entry(cache.ikv, self.indexer.store(self.indexer.keys(ientry)), done, t, 4)
                 qi, w = self.indexer.queries(x, qr, pos)
-                idx = self.indexer.select(qi, w, self.indexer.load(ikv), pos)
+                idx = self.indexer.select(qi, w, ikv, pos)
                 new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
         o = self._decode_attention(q, win_kv, ckv, idx, t)
         return self._output(o, pos), cache.replace(**new)
@@ -229,7 +229,7 @@ class Attention(nnx.Module):
             ikv = _write_rows(cache.ikv, self.indexer.store(self.indexer.keys(ientries)), t0 // 4)
             new.update(ikv=ikv, icomp_k=ik, icomp_s=is_)
             qi, w = self.indexer.queries(x, qr, pos)
-            topk = self.indexer.select(qi, w, self.indexer.load(ikv), pos)
+            topk = self.indexer.select(qi, w, ikv, pos)
             o = fns.sparse_attention(q, kv, ckv, topk, sink, **kw)
         else:
             o = fns.compressed_attention(q, kv, ckv, sink, ratio=self.ratio, **kw)
@@ -330,7 +330,7 @@ def _indexer_kl_sum(scores, q, ckv, scale: float):
 
 
 def _fill(entries, n: int):
-    """Entries ``[B, N, d]`` of a prefill (an array, ``Fp8Rows`` or ``Fp4Rows``) placed at the start
+    """Entries ``[B, N, d]`` of a prefill (an array, ``Fp8Rows`` or ``Fp4Keys``) placed at the start
     of a ``[B, n, d]`` buffer."""
     N = jax.tree.leaves(entries)[0].shape[1]
     if N > n:
@@ -340,13 +340,13 @@ def _fill(entries, n: int):
 
 def _write_rows(buf, rows, j0):
     """Rows ``[B, n, d]`` written as entries j0 … j0+n-1 of ``buf [B, N, d]`` (both arrays, or both
-    ``Fp8Rows`` / ``Fp4Rows``)."""
+    ``Fp8Rows`` / ``Fp4Keys``)."""
     return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r.astype(b.dtype), j0, axis=1), buf, rows)
 
 
 def _write_entry(buf, entry, done, t, ratio: int):
     """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``
-    (both arrays, or both ``Fp8Rows`` / ``Fp4Rows``)."""
+    (both arrays, or both ``Fp8Rows`` / ``Fp4Keys``)."""
     if jax.tree.leaves(buf)[0].shape[1] == 0:  # max_len < ratio: no entry ever completes
         return buf
     j = jnp.maximum((t + 1) // ratio - 1, 0)

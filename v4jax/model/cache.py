@@ -4,8 +4,9 @@ Per attention layer:
   * ``win_kv [B, win, hd]``   ring of the last ``win`` key/values (slot = position mod win);
   * ``ckv [B, T/m, hd]``      compressed entries (ratio m > 0); ``Fp8Rows`` with ``kv_cache='fp8'``;
   * ``comp_k, comp_s``        compressor ring of the last c·m tokens' k and s (fp32);
-  * ``ikv [B, T/4, ID]``, ``icomp_k``, ``icomp_s``: the lightning indexer's keys (``Fp4Rows`` with
-    ``kv_cache='fp8'``) and compressor ring (CSA layers only).
+  * ``ikv [B, T/4, ID]``, ``icomp_k``, ``icomp_s``: the lightning indexer's keys
+    (``pallas_kernels.Fp4Keys`` with ``kv_cache='fp8'``, read by the indexer kernel as they are)
+    and compressor ring (CSA layers only).
 Absent parts are ``None``.
 """
 from __future__ import annotations
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import Fp4Keys
 from v4jax import quant
 
 KV_BLOCK = 64  # dims per FP8 scale of the main KV (SPEC §5b)
-INDEXER_BLOCK = 32  # dims per FP4 scale of the indexer keys (SPEC §5c)
 
 
 @jax.tree_util.register_dataclass
@@ -47,23 +48,6 @@ class Fp8Rows:
                                 self.rope.astype(dtype)], axis=-1)
 
 
-@jax.tree_util.register_dataclass
-@dataclass
-class Fp4Rows:
-    """Indexer-key rows ``[B, N, ID]`` in FP4 (``kv_cache='fp8'``): e2m1 codes, two per byte, with one
-    power-of-two scale (an int8 exponent) per 32 dims; 68 bytes per row at ID = 128 instead of 256
-    (bf16). ``decode(encode(k), ID)`` equals k exactly when k went through SPEC §5c."""
-    packed: jax.Array  # uint8 [B, N, ceil(ID/32)·16]
-    exps: jax.Array    # int8 [B, N, ceil(ID/32)]
-
-    @staticmethod
-    def encode(x) -> "Fp4Rows":
-        return Fp4Rows(*quant.quant_fp4_act(x, INDEXER_BLOCK))
-
-    def decode(self, dim: int, dtype):
-        return quant.dequant_fp4_act(self.packed, self.exps, dim, INDEXER_BLOCK, dtype)
-
-
 def rows_array(rows, dtype):
     """Cache rows (an array or ``Fp8Rows``) as an array of ``dtype``."""
     return rows.decode(dtype) if isinstance(rows, Fp8Rows) else rows.astype(dtype)
@@ -76,7 +60,7 @@ class AttnCache:
     ckv: jax.Array | Fp8Rows | None = None
     comp_k: jax.Array | None = None
     comp_s: jax.Array | None = None
-    ikv: jax.Array | None = None
+    ikv: jax.Array | Fp4Keys | None = None
     icomp_k: jax.Array | None = None
     icomp_s: jax.Array | None = None
 

@@ -21,7 +21,6 @@ from v4jax import quant
 from v4jax.config import ModelConfig
 from v4jax.model.compressor import Compressor, hadamard
 from v4jax.model import layers
-from v4jax.model.cache import Fp4Rows
 from v4jax.model.layers import Linear, Numerics, WeightLayout, dot
 from v4jax.model.rope import apply_rope, rope_tables
 
@@ -58,14 +57,14 @@ class Indexer(nnx.Module):
         return (quant.fake_quant_fp4(entries, 32) if self.numerics.quant_kv else entries).astype(self.numerics.dtype)
 
     def store(self, keys):
-        """Keys ``[B, N, ID]`` as the cache holds them (``Fp4Rows`` with ``kv_cache='fp8'``)."""
-        return Fp4Rows.encode(keys) if self.numerics.kv_cache == "fp8" else keys
-
-    def load(self, rows):
-        """Cached keys -> ``[B, N, ID]`` in the activation dtype."""
-        return rows.decode(self.head_dim, self.numerics.dtype) if isinstance(rows, Fp4Rows) else rows
+        """Keys ``[B, N, ID]`` as the cache holds them: with ``kv_cache='fp8'`` the FP4 codes and
+        exponents of SPEC §5c (``pallas_kernels.Fp4Keys``, 68 bytes a row at ID = 128)."""
+        if self.numerics.kv_cache == "fp8":
+            return pallas_kernels.Fp4Keys(*quant.quant_fp4_act(keys, 32))
+        return keys
 
     def select(self, q, w, k, pos):
-        """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist)."""
+        """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist). k: keys
+        ``[B, N, ID]`` or ``Fp4Keys`` (the kernel decodes them tile by tile)."""
         kw = layers.kernel_kw() if self.impl == "pallas" else dict(backend="xla")
         return pallas_kernels.indexer_topk(q, w, k, self.topk, ratio=4, q_start=pos[0], **kw)
