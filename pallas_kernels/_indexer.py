@@ -16,7 +16,9 @@
 
 Keys are an array in q's dtype or FP4 (``reference.Fp4Keys``): packed e2m1 codes and one int8
 exponent per 32 dims, decoded to q's dtype inside the kernel (``_fp4_tile``), so an FP4 cache is
-read as 0.53 bytes per dim instead of being expanded to a bf16 copy first.
+read as 0.53 bytes per dim instead of being expanded to a bf16 copy first. The callers pass FP4
+keys to the Triton kernels only (``indexer._common_dtype``): the decoding interleaves the two
+nibbles of a byte along the minor axis, a relayout not verified under Mosaic.
 Tiles past every query's causal limit store -inf without touching the MXU / tensor cores.
 
 Tiles (not timed, no accelerator was available): GPU prefill ``bq = bk = 64`` for bfloat16, 32

@@ -2,7 +2,8 @@
 
 ``indexer_scores`` is one Pallas kernel (``_indexer.py``) that reduces over the indexer heads
 inside each tile (a decode-shaped kernel for up to ``DECODE_MAX_S`` queries). Keys may be FP4
-(``Fp4Keys``, as an FP8 KV cache holds them): the kernels decode them tile by tile. ``indexer_topk`` scores the queries in chunks and keeps only the
+(``Fp4Keys``, as an FP8 KV cache holds them): the GPU kernels decode them tile by tile; on TPU
+they are dequantised before the kernel. ``indexer_topk`` scores the queries in chunks and keeps only the
 top-k of each chunk, so neither the per-head products nor the full ``[S, N]`` score matrix is
 ever materialised: the largest intermediate is ``[B, chunk, N]`` float32.
 Semantics: ``reference.indexer_scores`` / ``reference.indexer_topk``.
@@ -70,7 +71,7 @@ def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0, interpret: bool = Fals
         return reference.indexer_scores(q, w, k, ratio=ratio, q_start=q_start)
     if N == 0:
         return jnp.full((q.shape[0], S, 0), -jnp.inf, jnp.float32)
-    q, k = _common_dtype(q, k)
+    q, k = _common_dtype(q, k, backend)
     out = _indexer.scores(q, w, k, q_start, ratio=ratio, backend=backend, interpret=interpret)
     return out[:, :S, :N]
 
@@ -79,8 +80,13 @@ def _n_keys(k):
     return k.packed.shape[1] if isinstance(k, Fp4Keys) else k.shape[1]
 
 
-def _common_dtype(q, k):
+def _common_dtype(q, k, backend):
+    """q and keys as the kernels take them. FP4 keys stay packed for Triton; the Mosaic kernels get
+    them dequantised by XLA first (the in-register decoding interleaves codes along the lane
+    axis, a relayout not verified on a TPU)."""
     if isinstance(k, Fp4Keys):
+        if backend == "mosaic":
+            return q, reference.dequant_fp4_keys(k, q.shape[-1], q.dtype)
         return q, k
     dt = jnp.result_type(q, k)
     return q.astype(dt), k.astype(dt)
@@ -104,7 +110,7 @@ def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0, chunk: int | 
     N = _n_keys(k)
     if N == 0:
         return jnp.full((B, S, topk), -1, jnp.int32)
-    q, k = _common_dtype(q, k)
+    q, k = _common_dtype(q, k, backend)
     if backend == "xla":
         step, row_bytes = 1, 4 * B * H * N
         if isinstance(k, Fp4Keys):  # decoded once, not per chunk
