@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -15,6 +17,12 @@ from v4jax.hf.names import expected_tensors
 from v4jax.hf.safetensors import INDEX_FILE, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for the run, shared by the xdist workers and by the
+# train.py / eval.py subprocesses that tests start (they inherit the variable): a program that
+# several tests build compiles once. Entries are keyed by the program, options and versions.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "v4jax-tests-xla-cache"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def golden_dir() -> Path | None:
