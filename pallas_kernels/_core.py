@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import reference
+from pallas_kernels.reference import FP8_BLOCK, Fp8Entries
 
 MODES = ("window", "hca", "csa")
 BACKENDS = ("triton", "mosaic", "xla")
@@ -72,7 +73,10 @@ def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_sta
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S, H, D], got shape {q.shape}")
     B, S, H, D = q.shape
-    for name, x in (("q", q), ("kv", kv), ("ckv", ckv)):
+    fp8 = isinstance(ckv, Fp8Entries)
+    if fp8:
+        _validate_fp8(ckv, B, D)
+    for name, x in (("q", q), ("kv", kv), ("ckv", ckv.rope if fp8 else ckv)):
         if x is not None and x.dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"{name} dtype must be float32 or bfloat16, got {x.dtype}")
     if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:
@@ -81,7 +85,7 @@ def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_sta
         raise ValueError(f"sink must be [H={H}], got shape {sink.shape}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    if mode != "window":
+    if mode != "window" and not fp8:
         if ckv.ndim != 3 or ckv.shape[0] != B or ckv.shape[2] != D:
             raise ValueError(f"ckv must be [B={B}, N, D={D}], got shape {ckv.shape}")
     if mode == "hca" and ratio < 1:
@@ -100,6 +104,42 @@ def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_sta
         raise ValueError(
             f"kv must cover every query position: kv_start + T = {ks + kv.shape[1]} < "
             f"q_start + S = {qs + S}")
+
+
+def _validate_fp8(ckv: Fp8Entries, B: int, D: int):
+    codes, exps, rope = ckv
+    if codes.ndim != 3 or codes.shape[0] != B or rope.ndim != 3 or rope.shape[:2] != codes.shape[:2]:
+        raise ValueError(f"Fp8Entries.codes and .rope must be [B={B}, N, ...] with the same N, got shapes "
+                         f"{codes.shape} and {rope.shape}")
+    if codes.shape[2] + rope.shape[2] != D:
+        raise ValueError(f"Fp8Entries: codes ({codes.shape[2]} dims) + rope ({rope.shape[2]} dims) must make "
+                         f"D={D}")
+    want = codes.shape[:2] + (-(-codes.shape[2] // FP8_BLOCK),)
+    if exps.shape != want:
+        raise ValueError(f"Fp8Entries.exps must be {want} (one per {FP8_BLOCK} dims), got shape {exps.shape}")
+    if codes.dtype != jnp.float8_e4m3fn or exps.dtype != jnp.int8:
+        raise ValueError(f"Fp8Entries must hold float8_e4m3fn codes and int8 exponents, got "
+                         f"({codes.dtype}, {exps.dtype})")
+
+
+def dequant_for(mode, ckv: Fp8Entries, topk_idx, dtype):
+    """FP8 entries as an array for kernels that do not decode them: all rows (HCA), or for CSA
+    only the picked rows when they are fewer (decoding), renumbered in top-k order:
+    -> (ckv ``[B, N', D]``, topk_idx)."""
+    B, N = ckv.codes.shape[:2]
+    if mode == "csa":
+        S, K = topk_idx.shape[1:]
+        if S * K < N:
+            flat = jnp.maximum(topk_idx.reshape(B, S * K), 0)
+            picked = Fp8Entries(*(jnp.take_along_axis(a, flat[..., None], axis=1) for a in ckv))
+            slots = jnp.arange(S * K, dtype=topk_idx.dtype).reshape(S, K)
+            return reference.dequant_fp8_entries(picked, dtype), jnp.where(topk_idx >= 0, slots, -1)
+    return reference.dequant_fp8_entries(ckv, dtype), topk_idx
+
+
+def _triton_decodes(ckv: Fp8Entries, D: int) -> bool:
+    from pallas_kernels import _triton
+    return _triton.fp8_blocked(ckv.codes.shape[-1], ckv.rope.shape[-1], _triton.choose_blocks("hca", 1, D).Dp)
 
 
 def _backend_module(name):
@@ -140,6 +180,11 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
     validate(mode, q, kv, ckv, topk_idx, sink, window=window, ratio=ratio,
              q_start=q_start, kv_start=kv_start)
     backend = resolve_backend(backend, interpret)
+    fp8 = mode != "window" and isinstance(ckv, Fp8Entries)
+    if fp8 and not (backend == "triton" and _triton_decodes(ckv, q.shape[-1])):
+        # only the Triton forward decodes FP8 entries itself, and only in whole 64-wide blocks
+        ckv, topk_idx = dequant_for(mode, ckv, topk_idx, jnp.result_type(q, kv, ckv.rope))
+        fp8 = False
     if backend == "xla":
         kw = dict(window=window, scale=scale, q_start=q_start, kv_start=kv_start)
         if mode == "csa":
@@ -147,7 +192,7 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
         if mode == "hca":
             return reference.compressed_attention(q, kv, ckv, sink, ratio=ratio, **kw)
         return reference.window_attention(q, kv, sink, **kw)
-    if mode != "window" and ckv.shape[1] == 0:
+    if mode != "window" and jax.tree.leaves(ckv)[0].shape[1] == 0:
         mode = "window"  # no complete compressed entry yet (S < ratio): d ckv is then empty
     ckv = None if mode == "window" else ckv
     topk_idx = topk_idx.astype(jnp.int32) if mode == "csa" else None
@@ -155,7 +200,11 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
                 scale=float(scale), backend=backend, interpret=bool(interpret))
     pos = jnp.stack([jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_start, jnp.int32)])
     # Mixed dtypes compute in the promoted type, like the reference; the output has q's dtype.
-    dt = jnp.result_type(*(x for x in (q, kv, ckv) if x is not None))
+    dt = jnp.result_type(*(x for x in (q, kv, ckv.rope if fp8 else ckv) if x is not None))
     cast = lambda x: None if x is None else x.astype(dt)
-    o = attention(spec, cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
+    if fp8:  # a decoding cache: forward only (no custom_vjp, so differentiating it is an error)
+        ckv = ckv._replace(rope=cast(ckv.rope))
+        o = _backend_module(backend).forward(spec, cast(q), cast(kv), ckv, topk_idx, sink.astype(jnp.float32), pos)[0]
+    else:
+        o = attention(spec, cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
     return o.astype(q.dtype)

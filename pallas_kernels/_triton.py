@@ -11,6 +11,10 @@ each position has its own top-k). Row indices are clamped into range and masked 
 Forward: online softmax whose state starts at the sink (``m = sink[h]``, ``l = 1``), so the
 sink is in the denominator with no value. For small grids (decode) the compressed blocks are
 split across ``num_splits`` programs (flash-decoding) and combined with their log-sum-exps.
+The forward also takes compressed entries as an FP8 cache holds them (``Fp8Entries``, forward
+only): then queries, keys and the accumulator are handled in 64-wide column blocks, and each key
+tile is decoded block by block (e4m3 codes x 2^exponent; the RoPE block as stored), never formed
+as a whole row, with 16 query rows per program (32 at D=512 spill registers).
 
 Backward (``lse`` saved by the forward, probabilities recomputed):
 * dq: query-major like the forward.
@@ -41,6 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.reference import FP8_BLOCK, Fp8Entries
 
 _NEG_INIT = -1e30  # running max of a split that holds no sink (finite: avoids inf - inf)
 
@@ -99,6 +105,43 @@ def _gather_rows(ref, rows, Dp):
     return ref[rows[:, None], jnp.arange(Dp)[None, :]]
 
 
+def fp8_blocked(c: int, rd: int, Dp: int) -> bool:
+    """Whether FP8 entries of ``c`` code dims and ``rd`` RoPE dims can be decoded in the kernel:
+    both whole 64-wide column blocks that fill ``Dp`` (V4: 448 + 64 = 512)."""
+    return c % FP8_BLOCK == 0 and rd % FP8_BLOCK == 0 and c + rd == Dp
+
+
+def _gather_cols(ref, rows, lo, w):
+    """ref [R, ...], rows [n] in range -> columns lo ... lo+w-1 of those rows, [n, w]."""
+    return ref[rows[:, None], lo + jnp.arange(w)[None, :]]
+
+
+def _key_blocks(ref, rows, cols):
+    """Key rows as a tuple of column blocks ``cols`` = ((lo, w), ...) of an array ref."""
+    return tuple(_gather_cols(ref, rows, lo, w) for lo, w in cols)
+
+
+def _entry_blocks(ckv_ref, rows, cols):
+    """Compressed entries ``rows`` as column blocks: from one ref, or decoded from FP8
+    (``Fp8Entries``: refs of e4m3 codes [R, c], int8 exponents [R, c/64], RoPE dims [R, rd];
+    ``cols`` are then the 64-wide blocks, see ``fp8_blocked``). Each code block is scaled by its
+    row's exponent: one ``[n, 64]`` gather and one ``[n]`` gather per block, never a whole row."""
+    if not isinstance(ckv_ref, tuple):
+        return _key_blocks(ckv_ref, rows, cols)
+    codes_ref, exps_ref, rope_ref = ckv_ref
+    c = codes_ref.shape[-1]
+    out = []
+    for lo, w in cols:
+        if lo < c:
+            e = exps_ref[rows, lo // FP8_BLOCK].astype(jnp.int32)
+            scale = lax.bitcast_convert_type((e + 127) << 23, jnp.float32)          # 2^e
+            codes = _gather_cols(codes_ref, rows, lo, w).astype(jnp.float32)
+            out.append((codes * scale[:, None]).astype(rope_ref.dtype))
+        else:
+            out.append(_gather_cols(rope_ref, rows, lo - c, w))
+    return tuple(out)
+
+
 def _pos_rows(x, bq, bh):
     """[bq] per position -> [bq*bh] per query row (row = position * bh + head)."""
     return jnp.broadcast_to(x[:, None], (bq, bh)).reshape(bq * bh)
@@ -110,16 +153,23 @@ def _head_rows(x, bq, bh):
 
 
 def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body, carry,
-               kv_ref, ckv_ref, idx_ref):
+               kv_ref, ckv_ref, idx_ref, cols=None):
     """Run ``body(carry, keys [bk, Dp], valid [M, bk], csa_rows)`` over every key tile of a
-    query tile: window tiles (split 0 only), then this split's share of the compressed tiles."""
+    query tile: window tiles (split 0 only), then this split's share of the compressed tiles.
+    With ``cols`` (column blocks ((lo, w), ...)) ``keys`` is a tuple of ``[bk, w]`` blocks."""
     bk, Dp, M = blk.bk, blk.Dp, blk.bq * blk.bh
     W = spec.window
+    if cols is None:
+        rows_of = lambda ref, rows: _gather_rows(ref, rows, Dp)
+        entries_of = rows_of
+    else:
+        rows_of = lambda ref, rows: _key_blocks(ref, rows, cols)
+        entries_of = lambda ref, rows: _entry_blocks(ref, rows, cols)
 
     def window_tile(w, carry):
         p = t0 - W + 1 + w * bk + jnp.arange(bk)          # key positions
         r = p - kv_start                                  # rows of kv
-        keys = _gather_rows(kv_ref, jnp.clip(r, 0, T - 1), Dp)
+        keys = rows_of(kv_ref, jnp.clip(r, 0, T - 1))
         valid = ((p[None, :] <= t_row[:, None]) & (p[None, :] > t_row[:, None] - W)
                  & ((r >= 0) & (r < T))[None, :])
         return body(carry, keys, valid, None)
@@ -145,31 +195,32 @@ def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body
     def comp_tile(c, carry):
         if spec.mode == "hca":
             j = c * bk + jnp.arange(bk)
-            keys = _gather_rows(ckv_ref, jnp.minimum(j, N - 1), Dp)
+            keys = entries_of(ckv_ref, jnp.minimum(j, N - 1))
             valid = ((j[None, :] + 1) * spec.ratio <= t_row[:, None] + 1) & (j < N)[None, :]
             return body(carry, keys, valid, None)
         idx = idx_ref[pl.ds(c * bk, bk)]
-        keys = _gather_rows(ckv_ref, jnp.maximum(idx, 0), Dp)
+        keys = entries_of(ckv_ref, jnp.maximum(idx, 0))
         valid = jnp.broadcast_to((idx >= 0)[None, :], (M, bk))
         return body(carry, keys, valid, jnp.where(idx >= 0, idx, N))
 
     return lax.fori_loop(lo, hi, comp_tile, carry)
 
 
-def _unpack(refs, mode, n_tail):
-    """Split kernel refs into (pos, q, kv, ckv|None, idx|None, *tail)."""
+def _unpack(refs, mode, n_tail, n_ckv=1):
+    """Split kernel refs into (pos, q, kv, ckv|None, idx|None, *tail); ckv is a tuple of refs for
+    FP8 entries (``n_ckv = 3``)."""
     pos, q, kv, *rest = refs
     ckv = idx = None
     if mode != "window":
-        ckv, *rest = rest
+        ckv, rest = (rest[0] if n_ckv == 1 else tuple(rest[:n_ckv])), rest[n_ckv:]
     if mode == "csa":
         idx, *rest = rest
     assert len(rest) == n_tail
     return pos, q, kv, ckv, idx, rest
 
 
-def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split):
-    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, tail = _unpack(refs, spec.mode, 3)
+def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split, n_ckv):
+    pos_ref, q_ref, kv_ref, ckv_ref, idx_ref, tail = _unpack(refs, spec.mode, 3, n_ckv)
     sink_ref, o_ref, lse_ref = tail
     bq, bh, Dp = blk.bq, blk.bh, blk.Dp
     M = bq * bh
@@ -179,29 +230,39 @@ def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split):
     t0 = q_start + i * bq
     t_row = _pos_rows(t0 + jnp.arange(bq), bq, bh)
     sink_row = _head_rows(sink_ref[hb * bh + jnp.arange(bh)], bq, bh)
-    q = q_ref[...].reshape(M, Dp)
-    prec = _precision(q.dtype)
+    # FP8 entries: everything in 64-wide column blocks (scores summed over blocks, one
+    # accumulator per block), so that a key tile is decoded block by block
+    fp8 = isinstance(ckv_ref, tuple)
+    cols = tuple((lo, FP8_BLOCK) for lo in range(0, Dp, FP8_BLOCK)) if fp8 else ((0, Dp),)
+    qs = tuple(q_ref[:, :, pl.ds(lo, w)].reshape(M, w) for lo, w in cols)
+    prec = _precision(qs[0].dtype)
 
     def body(carry, keys, valid, _):
         m, l, acc = carry
-        s = jnp.where(valid, _dot(q, keys, prec, trans_b=True) * spec.scale, -jnp.inf)
+        keys = keys if fp8 else (keys,)
+        s = qk = None
+        for qb, kb in zip(qs, keys):
+            d = _dot(qb, kb, prec, trans_b=True)
+            qk = d if qk is None else qk + d
+        s = jnp.where(valid, qk * spec.scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(keys.dtype), keys, prec)
+        acc = tuple(a * alpha[:, None] + _dot(p.astype(kb.dtype), kb, prec) for a, kb in zip(acc, keys))
         return m_new, l, acc
 
     m0, l0 = sink_row, jnp.ones((M,), jnp.float32)
     if n_split > 1:  # the sink and the window belong to split 0
         m0 = jnp.where(split == 0, m0, jnp.full((M,), _NEG_INIT, jnp.float32))
         l0 = jnp.where(split == 0, l0, jnp.zeros((M,), jnp.float32))
-    carry = (m0, l0, jnp.zeros((M, Dp), jnp.float32))
+    carry = (m0, l0, tuple(jnp.zeros((M, w), jnp.float32) for _, w in cols))
     m, l, acc = _key_loops(spec, blk, t0=t0, t_row=t_row, kv_start=kv_start, T=T, N=N, Kp=Kp,
                            split=split, n_split=n_split, body=body, carry=carry,
-                           kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref)
+                           kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref, cols=cols if fp8 else None)
     l_safe = jnp.where(l > 0, l, 1.0)
-    o_ref[...] = (acc / l_safe[:, None]).reshape(bq, bh, Dp).astype(o_ref.dtype)
+    for (lo, w), a in zip(cols, acc):
+        o_ref[:, :, pl.ds(lo, w)] = (a / l_safe[:, None]).reshape(bq, bh, w).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(l_safe), -jnp.inf).reshape(bq, bh)
 
 
@@ -220,7 +281,10 @@ def _prepare(spec, blk, q, kv, ckv, topk_idx, sink):
     Sp = pl.cdiv(S, blk.bq) * blk.bq
     qp = _pad_to(q, (B, Sp, blk.Hp, blk.Dp))
     kvp = _pad_to(kv, (B, kv.shape[1], blk.Dp))
-    ckvp = None if ckv is None else _pad_to(ckv, (B, ckv.shape[1], blk.Dp))
+    if isinstance(ckv, Fp8Entries):  # read by gathers with clamped columns: no padding
+        ckvp = tuple(ckv)
+    else:
+        ckvp = None if ckv is None else (_pad_to(ckv, (B, ckv.shape[1], blk.Dp)),)
     idxp = None
     if topk_idx is not None:
         Kp = pl.cdiv(topk_idx.shape[2], blk.bk) * blk.bk
@@ -228,25 +292,31 @@ def _prepare(spec, blk, q, kv, ckv, topk_idx, sink):
     return qp, kvp, ckvp, idxp, _pad_to(sink, (blk.Hp,))
 
 
-def _shared_specs(spec, blk, T, N, Kp):
-    """BlockSpecs of (pos, q, kv[, ckv][, idx]) for a grid (b, i, hb, ...)."""
+def _shared_specs(spec, blk, T, N, Kp, ckv_widths=None):
+    """BlockSpecs of (pos, q, kv[, ckv...][, idx]) for a grid (b, i, hb, ...); ``ckv_widths``:
+    the last dims of the compressed-entry arrays (default one of ``Dp``)."""
     specs = [pl.BlockSpec((2,), lambda *g: (0,)),
              pl.BlockSpec((None, blk.bq, blk.bh, blk.Dp), lambda b, i, h, *_: (b, i, h, 0)),
              pl.BlockSpec((None, T, blk.Dp), lambda b, *_: (b, 0, 0))]
     if spec.mode != "window":
-        specs.append(pl.BlockSpec((None, N, blk.Dp), lambda b, *_: (b, 0, 0)))
+        specs += [pl.BlockSpec((None, N, w), lambda b, *_: (b, 0, 0)) for w in (ckv_widths or (blk.Dp,))]
     if spec.mode == "csa":
         specs.append(pl.BlockSpec((None, None, Kp), lambda b, i, *_: (b, i, 0)))
     return specs
 
 
 def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
-    """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32)."""
+    """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32). ckv may be ``Fp8Entries`` (decoded per
+    key tile; the backward kernels take arrays only)."""
     B, S, H, D = q.shape
     blk = choose_blocks(spec.mode, H, D)
+    if isinstance(ckv, Fp8Entries):
+        # 16 query rows per program: with the per-block accumulators and decoding, 32 rows at
+        # D=512 spill registers on sm_90 (checked offline, see test_triton_sm90_compile.py)
+        blk = dataclasses.replace(blk, bq=1, bh=min(blk.bh, 16))
     qp, kvp, ckvp, idxp, sinkp = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
     Sp, T = qp.shape[1], kv.shape[1]
-    N = 0 if ckv is None else ckv.shape[1]
+    N = 0 if ckv is None else ckvp[0].shape[1]
     Kp = 0 if idxp is None else idxp.shape[2]
     n_split = num_splits or _choose_splits(spec, blk, B, Sp, N, Kp)
     grid = (B, Sp // blk.bq, blk.Hp // blk.bh) + ((n_split,) if n_split > 1 else ())
@@ -261,11 +331,13 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
                      jax.ShapeDtypeStruct((B, Sp, blk.Hp), jnp.float32)]
         out_specs = [pl.BlockSpec((None, blk.bq, blk.bh, blk.Dp), lambda b, i, h: (b, i, h, 0)),
                      pl.BlockSpec((None, blk.bq, blk.bh), lambda b, i, h: (b, i, h))]
-    kernel = functools.partial(_fwd_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp, n_split=n_split)
-    args = [pos, qp, kvp] + [x for x in (ckvp, idxp) if x is not None] + [sinkp]
+    widths = None if ckvp is None else tuple(x.shape[2] for x in ckvp)
+    kernel = functools.partial(_fwd_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp, n_split=n_split,
+                               n_ckv=len(widths or (0,)))
+    args = [pos, qp, kvp, *(ckvp or ())] + ([idxp] if idxp is not None else []) + [sinkp]
     o, lse = pl.pallas_call(
         kernel, grid=grid, out_shape=out_shape, out_specs=out_specs,
-        in_specs=_shared_specs(spec, blk, T, N, Kp) + [pl.BlockSpec((blk.Hp,), lambda *g: (0,))],
+        in_specs=_shared_specs(spec, blk, T, N, Kp, widths) + [pl.BlockSpec((blk.Hp,), lambda *g: (0,))],
         compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
         interpret=spec.interpret, name=f"v4_{spec.mode}_attention_fwd")(*args)
     if n_split > 1:  # combine the splits (flash-decoding)
@@ -384,6 +456,7 @@ def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do):
     B, S, H, D = q.shape
     blk = choose_blocks(spec.mode, H, D)
     qp, kvp, ckvp, idxp, _ = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
+    ckvp = None if ckvp is None else ckvp[0]   # an array: FP8 entries are forward only
     Sp, T = qp.shape[1], kv.shape[1]
     N = 0 if ckv is None else ckv.shape[1]
     Kp = 0 if idxp is None else idxp.shape[2]

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 _NEG = -jnp.inf
 FP4_BLOCK = 32  # dims per scale of FP4 indexer keys (SPEC §5c)
+FP8_BLOCK = 64  # dims per scale of FP8 compressed entries (SPEC §5b)
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 e2m1 magnitudes by code & 7
 
 
@@ -30,6 +31,23 @@ class Fp4Keys(NamedTuple):
     last block is zero-padded. ``dequant_fp4_keys`` gives the values."""
     packed: jax.Array  # uint8 [B, N, ceil(ID/32)·16]
     exps: jax.Array    # int8 [B, N, ceil(ID/32)], e in [-126, 126]
+
+
+class Fp8Entries(NamedTuple):
+    """Compressed entries ``[B, N, D]`` in FP8 (SPEC §5b): the first ``D - rd`` dims as e4m3 codes
+    with one power-of-two scale ``2^e`` per 64 dims, the last ``rd`` (RoPE) dims as they are.
+    ``dequant_fp8_entries`` gives the values; the attention functions take either form."""
+    codes: jax.Array  # float8_e4m3fn [B, N, D - rd]
+    exps: jax.Array   # int8 [B, N, ceil((D - rd) / 64)]
+    rope: jax.Array   # [B, N, rd], float32 or bfloat16
+
+
+def dequant_fp8_entries(entries: Fp8Entries, dtype):
+    """``Fp8Entries`` -> ``[B, N, D]`` in ``dtype`` (exact for float32 and bfloat16)."""
+    n = entries.codes.shape[-1]
+    scale = jnp.repeat(jnp.ldexp(jnp.float32(1.0), entries.exps.astype(jnp.int32)), FP8_BLOCK, axis=-1)[..., :n]
+    return jnp.concatenate([(entries.codes.astype(jnp.float32) * scale).astype(dtype),
+                            entries.rope.astype(dtype)], axis=-1)
 
 
 def dequant_fp4_keys(keys: Fp4Keys, dim: int, dtype):

@@ -273,3 +273,88 @@ def test_lowers_for_accelerator(backend, platform, mode):
     target = "__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call"
     n_kernels = text.count(target)
     assert n_kernels == {"window": 3, "hca": 4, "csa": 3 if backend == "triton" else 4}[mode], n_kernels
+
+
+FP8_CASES = {
+    # whole 64-wide blocks (decoded inside the Triton kernel): V4 decode shape, and a few queries
+    # in a chunk after earlier ones (q_start > 0), float32
+    "v4_decode_bf16": dict(B=2, S=1, H=64, D=512, rd=64, q_start=1001, dtype=jnp.bfloat16),
+    "chunk_f32": dict(B=1, S=5, H=3, D=128, rd=64, q_start=90, dtype=jnp.float32),
+    # a partial block (dequantised before the kernel on every backend)
+    "partial_block_f32": dict(B=2, S=2, H=2, D=96, rd=16, q_start=40, dtype=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+@pytest.mark.parametrize("mode", ("hca", "csa"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_entries_match_their_values(backend, mode, case):
+    """Compressed entries as an FP8 cache holds them (``Fp8Entries``) give what their dequantised
+    values give to the reference; -1 top-k slots, a causal prefix and the window included."""
+    from v4jax import quant
+
+    c = FP8_CASES[case]
+    rng = np.random.default_rng(7)
+    B, S, H, D, rd, q_start, dt = (c[k] for k in ("B", "S", "H", "D", "rd", "q_start", "dtype"))
+    W, T = 16, q_start + S
+    ratio = CSA_RATIO if mode == "csa" else 8
+    N = T // ratio + 2                                   # 2 entries past every query's prefix
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, kv, sink = normal(B, S, H, D).astype(dt), normal(B, T, D).astype(dt), normal(H)
+    x = normal(B, N, D) * jnp.asarray(rng.uniform(0.01, 30, (B, N, 1)), jnp.float32)
+    codes, exps = quant.quant_fp8_act(x[..., :D - rd], 64)
+    entries = ref.Fp8Entries(codes, exps, x[..., D - rd:].astype(dt))
+    values = ref.dequant_fp8_entries(entries, jnp.float32)
+    idx = _topk(rng, B, S, 24, q_start, N)
+    kw = dict(window=W, scale=D ** -0.5, q_start=q_start)
+    if mode == "csa":
+        got = pk.sparse_attention(q, kv, entries, idx, sink, **kw, **kernel_kw(backend))
+        want = ref.sparse_attention(q.astype(jnp.float32), kv.astype(jnp.float32), values, idx, sink, **kw)
+    else:
+        got = pk.compressed_attention(q, kv, entries, sink, ratio=ratio, **kw, **kernel_kw(backend))
+        want = ref.compressed_attention(q.astype(jnp.float32), kv.astype(jnp.float32), values, sink,
+                                        ratio=ratio, **kw)
+    chex.assert_shape(got, (B, S, H, D))
+    assert got.dtype == dt
+    _assert_close(got, want, 1e-5 if dt == jnp.float32 else 1e-2)
+
+
+def test_fp8_entries_are_checked():
+    q, kv, sink = jnp.zeros((1, 2, 2, 128)), jnp.zeros((1, 2, 128)), jnp.zeros((2,))
+    codes = jnp.zeros((1, 3, 64), jnp.float8_e4m3fn)
+    good = ref.Fp8Entries(codes, jnp.zeros((1, 3, 1), jnp.int8), jnp.zeros((1, 3, 64)))
+    kw = dict(window=2, ratio=4, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="must make D=128"):
+        pk.compressed_attention(q, kv, good._replace(rope=jnp.zeros((1, 3, 32))), sink, **kw)
+    with pytest.raises(ValueError, match="exps must be"):
+        pk.compressed_attention(q, kv, good._replace(exps=jnp.zeros((1, 3, 2), jnp.int8)), sink, **kw)
+    with pytest.raises(ValueError, match="float8_e4m3fn codes"):
+        pk.compressed_attention(q, kv, good._replace(codes=jnp.zeros((1, 3, 64))), sink, **kw)
+
+
+@pytest.mark.parametrize("mode", ("hca", "csa"))
+def test_fp8_decode_lowers_for_gpu_as_one_kernel(mode):
+    """V4-Flash decode at 1M context with FP8 entries: one Triton kernel and no dequantised copy
+    of the entries (which the Mosaic path, dequantising first, does make for HCA)."""
+    sd = jax.ShapeDtypeStruct
+    B, H, D, W, t = 2, 64, 512, 128, (1 << 20) - 1
+    N = (1 << 20) // (4 if mode == "csa" else 128)
+    entries = ref.Fp8Entries(sd((B, N, 448), jnp.float8_e4m3fn), sd((B, N, 7), jnp.int8),
+                             sd((B, N, 64), jnp.bfloat16))
+    args = (sd((B, 1, H, D), jnp.bfloat16), sd((B, W, D), jnp.bfloat16), entries, sd((H,), jnp.float32),
+            sd((B, 1, 512), jnp.int32))
+
+    def lowered(backend, platform):
+        kw = dict(window=W, scale=D ** -0.5, q_start=t, kv_start=t + 1 - W, backend=backend)
+        if mode == "csa":
+            f = lambda q, kv, e, sink, idx: pk.sparse_attention(q, kv, e, idx, sink, **kw)
+        else:
+            f = lambda q, kv, e, sink, idx: pk.compressed_attention(q, kv, e, sink, ratio=128, **kw)
+        return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+    text = lowered("triton", "cuda")
+    assert text.count("__gpu$xla.gpu.triton") == 1
+    expanded = "tensor<2x%dx512xbf16>" % N                     # the entries dequantised whole
+    assert expanded not in text
+    if mode == "hca":
+        assert expanded in lowered("mosaic", "tpu")

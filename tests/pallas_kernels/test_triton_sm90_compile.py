@@ -44,13 +44,18 @@ def _capture_triton_ir():
         reg.lowering.lower_jaxpr_to_triton_module = original
 
 
-def _lower(mode, H, D, decode):
-    """Lower forward+backward (prefill) or forward (decode, split-K) for cuda."""
+def _lower(mode, H, D, decode, fp8=False):
+    """Lower forward+backward (prefill) or forward (decode, split-K; ``fp8``: FP8 entries) for cuda."""
     sd = jax.ShapeDtypeStruct
     B, S, T = (2, 1, 128) if decode else (1, 256, 256)
     ctx = 1 << 20 if decode else T
     N = ctx // (4 if mode == "csa" else 128)
-    args = (sd((B, S, H, D), jnp.bfloat16), sd((B, T, D), jnp.bfloat16), sd((B, N, D), jnp.bfloat16),
+    ckv = sd((B, N, D), jnp.bfloat16)
+    if fp8:
+        rd = D // 8
+        ckv = pk.reference.Fp8Entries(sd((B, N, D - rd), jnp.float8_e4m3fn),
+                                      sd((B, N, -(-(D - rd) // 64)), jnp.int8), sd((B, N, rd), jnp.bfloat16))
+    args = (sd((B, S, H, D), jnp.bfloat16), sd((B, T, D), jnp.bfloat16), ckv,
             sd((B, S, 512), jnp.int32), sd((H,), jnp.float32))
     kw = dict(window=128, scale=D ** -0.5, backend="triton")
     if decode:
@@ -69,16 +74,20 @@ def _lower(mode, H, D, decode):
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("decode", [False, True], ids=["prefill_fwd_bwd", "decode_fwd"])
-@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+_PASSES = {"prefill_fwd_bwd": (False, False), "decode_fwd": (True, False), "decode_fwd_fp8": (True, True)}
+
+
+@pytest.mark.parametrize("mode,passes", [(m, p) for m in ("window", "hca", "csa") for p in _PASSES
+                                         if not (m == "window" and p.endswith("fp8"))])
 @pytest.mark.parametrize("H,D", [(64, 512), (16, 128)])
-def test_compiles_for_sm90_without_spills(H, D, mode, decode, tmp_path):
+def test_compiles_for_sm90_without_spills(H, D, mode, passes, tmp_path):
+    decode, fp8 = _PASSES[passes]
     from triton.backends.compiler import GPUTarget
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     blk = _triton.choose_blocks(mode, H, D)
     with _capture_triton_ir() as modules:
-        _lower(mode, H, D, decode)
+        _lower(mode, H, D, decode, fp8)
     assert modules
     for name, asm in modules:
         path = tmp_path / f"{name}.ttir"
@@ -90,6 +99,7 @@ def test_compiles_for_sm90_without_spills(H, D, mode, decode, tmp_path):
                                capture_output=True, text=True, check=True).stdout
         match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
         assert match, usage
+        print(f"{name} H={H} D={D} {passes}: {match.group(0)}")
         assert int(match.group(2)) == 0, f"{name}: register spills ({match.group(0)})"
         assert kernel.metadata.shared <= 227 * 1024, f"{name}: shared memory {kernel.metadata.shared}"
 

@@ -17,9 +17,12 @@ from flax import nnx
 
 import pallas_kernels
 from pallas_kernels import reference
+from pallas_kernels._core import dequant_for
+from pallas_kernels.reference import Fp8Entries
 from v4jax import quant
 from v4jax.config import ModelConfig
-from v4jax.model.cache import AttnCache, Fp8Rows, ring_from_rows, ring_from_sequence, ring_positions, rows_array
+from v4jax.model.cache import (AttnCache, encode_fp8_entries, ring_from_rows, ring_from_sequence, ring_positions,
+                               rows_array)
 from v4jax.model.compressor import Compressor
 from v4jax.model.indexer import Indexer
 from v4jax.model import layers
@@ -100,8 +103,8 @@ class Attention(nnx.Module):
         return jnp.concatenate([quant.fake_quant_fp8(kv[..., :n], 64), kv[..., n:]], axis=-1)
 
     def _store(self, rows):
-        """Compressed entries ``[B, N, hd]`` as the cache holds them (``Fp8Rows`` for an FP8 cache)."""
-        return Fp8Rows.encode(rows, self.rope_dim) if self.numerics.kv_cache == "fp8" else rows
+        """Compressed entries ``[B, N, hd]`` as the cache holds them (``Fp8Entries`` for an FP8 cache)."""
+        return encode_fp8_entries(rows, self.rope_dim) if self.numerics.kv_cache == "fp8" else rows
 
     def _qkv(self, x, pos):
         """x ``[B, S, D]`` -> (qr, q ``[B, S, H, hd]``, kv ``[B, S, hd]``), RoPE applied."""
@@ -223,7 +226,8 @@ class Attention(nnx.Module):
         entries, (ck, cs) = self.compressor.extend(x, t0, (cache.comp_k, cache.comp_s))
         ckv = _write_rows(cache.ckv, self._store(self._quant_kv(entries.astype(x.dtype))), t0 // self.ratio)
         new.update(ckv=ckv, comp_k=ck, comp_s=cs)
-        ckv = rows_array(ckv, x.dtype)       # every entry; the kernels mask those after a query
+        if self.impl != "pallas":            # the kernels take (and decode) FP8 entries themselves
+            ckv = rows_array(ckv, x.dtype)   # every entry; the kernels mask those after a query
         if self.ratio == 4:
             ientries, (ik, is_) = self.indexer.compressor.extend(x, t0, (cache.icomp_k, cache.icomp_s))
             ikv = _write_rows(cache.ikv, self.indexer.store(self.indexer.keys(ientries)), t0 // 4)
@@ -239,23 +243,19 @@ class Attention(nnx.Module):
         """q ``[B, 1, H, hd]`` at position t against the window ring and the compressed entries."""
         B, W = q.shape[0], self.window
         scale, sink = self.head_dim ** -0.5, self.attn_sink[...]
-        if self.ratio == 4 and isinstance(ckv, Fp8Rows):
-            # FP8 cache: decode only the selected rows; they become the entries, named in top-k order
-            K = idx.shape[-1]
-            ckv = rows_array(jax.tree.map(lambda a: jnp.take_along_axis(
-                a, jnp.maximum(idx[:, 0], 0).reshape(B, K, 1), axis=1), ckv), q.dtype)
-            idx = jnp.where(idx >= 0, jnp.arange(K, dtype=idx.dtype), -1)
         if self.impl == "pallas":  # the prefill kernels with one query: ring rows put in position order
             # positions start … start+W-1 (the kernels need start >= 0; before the ring is full the rows
-            # past t are empty slots that causality masks)
+            # past t are empty slots that causality masks). FP8 entries go to the kernels as they are.
             start = jnp.maximum(t - W + 1, 0)
             kv = jnp.take(win_kv, (start + jnp.arange(W)) % W, axis=1).astype(q.dtype)
             kw = dict(window=W, scale=scale, q_start=t, kv_start=start, **layers.kernel_kw())
             if self.ratio == 0:
                 return pallas_kernels.window_attention(q, kv, sink, **kw)
             if self.ratio == 4:
-                return pallas_kernels.sparse_attention(q, kv, rows_array(ckv, q.dtype), idx, sink, **kw)
-            return pallas_kernels.compressed_attention(q, kv, rows_array(ckv, q.dtype), sink, ratio=self.ratio, **kw)
+                return pallas_kernels.sparse_attention(q, kv, ckv, idx, sink, **kw)
+            return pallas_kernels.compressed_attention(q, kv, ckv, sink, ratio=self.ratio, **kw)
+        if self.ratio == 4 and isinstance(ckv, Fp8Entries):  # FP8 cache: decode only the selected rows
+            ckv, idx = dequant_for("csa", ckv, idx, q.dtype)
         keys = [win_kv]
         valid = [jnp.broadcast_to(ring_positions(t, W) >= 0, (B, W))]
         if self.ratio == 4:
@@ -330,7 +330,7 @@ def _indexer_kl_sum(scores, q, ckv, scale: float):
 
 
 def _fill(entries, n: int):
-    """Entries ``[B, N, d]`` of a prefill (an array, ``Fp8Rows`` or ``Fp4Keys``) placed at the start
+    """Entries ``[B, N, d]`` of a prefill (an array, ``Fp8Entries`` or ``Fp4Keys``) placed at the start
     of a ``[B, n, d]`` buffer."""
     N = jax.tree.leaves(entries)[0].shape[1]
     if N > n:
@@ -340,13 +340,13 @@ def _fill(entries, n: int):
 
 def _write_rows(buf, rows, j0):
     """Rows ``[B, n, d]`` written as entries j0 … j0+n-1 of ``buf [B, N, d]`` (both arrays, or both
-    ``Fp8Rows`` / ``Fp4Keys``)."""
+    ``Fp8Entries`` / ``Fp4Keys``)."""
     return jax.tree.map(lambda b, r: jax.lax.dynamic_update_slice_in_dim(b, r.astype(b.dtype), j0, axis=1), buf, rows)
 
 
 def _write_entry(buf, entry, done, t, ratio: int):
     """Write ``entry [B, d]`` as entry ``(t+1)//ratio - 1`` of ``buf [B, N, d]`` when ``done``
-    (both arrays, or both ``Fp8Rows`` / ``Fp4Keys``)."""
+    (both arrays, or both ``Fp8Entries`` / ``Fp4Keys``)."""
     if jax.tree.leaves(buf)[0].shape[1] == 0:  # max_len < ratio: no entry ever completes
         return buf
     j = jnp.maximum((t + 1) // ratio - 1, 0)

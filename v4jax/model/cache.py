@@ -2,7 +2,8 @@
 
 Per attention layer:
   * ``win_kv [B, win, hd]``   ring of the last ``win`` key/values (slot = position mod win);
-  * ``ckv [B, T/m, hd]``      compressed entries (ratio m > 0); ``Fp8Rows`` with ``kv_cache='fp8'``;
+  * ``ckv [B, T/m, hd]``      compressed entries (ratio m > 0); ``pallas_kernels.Fp8Entries`` with
+                              ``kv_cache='fp8'`` (``encode_fp8_entries``);
   * ``comp_k, comp_s``        compressor ring of the last c·m tokens' k and s (fp32);
   * ``ikv [B, T/4, ID]``, ``icomp_k``, ``icomp_s``: the lightning indexer's keys
     (``pallas_kernels.Fp4Keys`` with ``kv_cache='fp8'``, read by the indexer kernel as they are)
@@ -17,47 +18,32 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import Fp4Keys
+from pallas_kernels import Fp4Keys, reference
+from pallas_kernels.reference import FP8_BLOCK, Fp8Entries
 from v4jax import quant
 
-KV_BLOCK = 64  # dims per FP8 scale of the main KV (SPEC §5b)
 
 
-@jax.tree_util.register_dataclass
-@dataclass
-class Fp8Rows:
-    """Main-KV rows ``[B, N, hd]`` in FP8 (``kv_cache='fp8'``): the first ``hd - rd`` dims as e4m3
-    codes with one power-of-two scale (an int8 exponent) per 64 dims, the last ``rd`` (RoPE) dims as
-    they are. At V4 widths (hd 512, rd 64, bf16) a row is 583 bytes instead of 1024.
-
-    ``decode(encode(x))`` equals x exactly when x went through SPEC §5b (``Attention._quant_kv``).
-    Every leaf keeps the row axes first, so row-wise updates map over the leaves.
-    """
-    codes: jax.Array  # float8_e4m3fn [B, N, hd - rd]
-    exps: jax.Array   # int8 [B, N, ceil((hd - rd) / 64)]
-    rope: jax.Array   # [B, N, rd]
-
-    @staticmethod
-    def encode(x, rope_dim: int) -> "Fp8Rows":
-        n = x.shape[-1] - rope_dim
-        codes, exps = quant.quant_fp8_act(x[..., :n], KV_BLOCK)
-        return Fp8Rows(codes, exps, x[..., n:])
-
-    def decode(self, dtype):
-        return jnp.concatenate([quant.dequant_fp8_act(self.codes, self.exps, KV_BLOCK, dtype),
-                                self.rope.astype(dtype)], axis=-1)
+def encode_fp8_entries(x, rope_dim: int) -> Fp8Entries:
+    """Compressed entries ``[B, N, hd]`` in the FP8 cache form (``kv_cache='fp8'``): the first
+    ``hd - rope_dim`` dims as e4m3 codes with one power-of-two scale (an int8 exponent) per 64 dims,
+    the RoPE dims as they are; 583 bytes a row instead of 1024 at V4 widths (hd 512, bf16).
+    Decoding gives x exactly when x went through SPEC §5b (``Attention._quant_kv``)."""
+    n = x.shape[-1] - rope_dim
+    codes, exps = quant.quant_fp8_act(x[..., :n], FP8_BLOCK)
+    return Fp8Entries(codes, exps, x[..., n:])
 
 
 def rows_array(rows, dtype):
-    """Cache rows (an array or ``Fp8Rows``) as an array of ``dtype``."""
-    return rows.decode(dtype) if isinstance(rows, Fp8Rows) else rows.astype(dtype)
+    """Cache rows (an array or ``Fp8Entries``) as an array of ``dtype``."""
+    return reference.dequant_fp8_entries(rows, dtype) if isinstance(rows, Fp8Entries) else rows.astype(dtype)
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class AttnCache:
     win_kv: jax.Array
-    ckv: jax.Array | Fp8Rows | None = None
+    ckv: jax.Array | Fp8Entries | None = None
     comp_k: jax.Array | None = None
     comp_s: jax.Array | None = None
     ikv: jax.Array | Fp4Keys | None = None
