@@ -17,7 +17,9 @@ ratio-4 entries; forward only: indices have no gradient) against the chunked XLA
 (``backend="xla"``, what ``attention_impl: xla`` runs). FLOPs: 2*ID*IH per query and visible
 entry; bytes: q, w, the keys and the indices. Decode rows come twice: bf16 keys, and ``fp4``
 keys as ``--kv-cache fp8`` stores them (68 bytes a key, decoded inside the kernel; the reference
-dequantises them first).
+dequantises them first). CSA and HCA decode rows come twice too: bf16 entries, and ``fp8`` entries
+as ``--kv-cache fp8`` stores them (e4m3 + exponents + bf16 RoPE dims, decoded inside the kernel
+where the dims are whole 64-wide blocks; the reference dequantises them first).
 
 Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
         python benchmarks/attention.py --smoke    # tiny shapes, Pallas interpret mode, any CPU
@@ -76,8 +78,15 @@ def _n_compressed(kind, cfg, T):
     return {"csa": T // CSA_RATIO, "hca": T // cfg["ratio"], "window": 0}[kind]
 
 
-def _flops_bytes(kind, cfg, B, S, T, q_start, decode):
-    """(forward FLOPs, backward FLOPs, forward min bytes, backward min bytes)."""
+def _fp8_row_bytes(D):
+    """Bytes of one compressed entry as ``--kv-cache fp8`` stores it (RoPE dims D/8 in bf16)."""
+    rd = D // 8
+    return (D - rd) + -(-(D - rd) // 64) + 2 * rd
+
+
+def _flops_bytes(kind, cfg, B, S, T, q_start, decode, fp8=False):
+    """(forward FLOPs, backward FLOPs, forward min bytes, backward min bytes); ``fp8``: the
+    compressed entries in the FP8 cache form."""
     H, D, K = cfg["heads"], cfg["dim"], cfg["topk"]
     e = 2  # bf16
     keys = int(_keys_per_query(kind, cfg, q_start + np.arange(S, dtype=np.int64)).sum())
@@ -86,7 +95,7 @@ def _flops_bytes(kind, cfg, B, S, T, q_start, decode):
     q_bytes = B * S * H * D * e
     kv_rows = cfg["window"] if decode else T
     c_rows = min(N, K) if (kind == "csa" and decode) else N
-    kv_bytes = B * (kv_rows + c_rows) * D * e
+    kv_bytes = B * kv_rows * D * e + B * c_rows * (_fp8_row_bytes(D) if fp8 else D * e)
     idx_bytes = B * S * K * 4 if kind == "csa" else 0
     fwd_bytes = 2 * q_bytes + kv_bytes + idx_bytes + B * S * H * 4          # q, o, kv+ckv, idx, lse
     bwd_bytes = 4 * q_bytes + 2 * kv_bytes + idx_bytes + 2 * B * S * H * 4  # q,o,do,dq; kv,dkv; lse,delta
@@ -153,6 +162,15 @@ def _decode_case(kind, cfg, B, ctx, key):
         valid = jnp.concatenate([jnp.ones((B, W), bool), cvalid], axis=1)
         return ref.decode_attention(q[:, 0], keys, valid, sink, scale=D ** -0.5)[:, None]
     return (q, kv, ckv, sink), kernel, xla
+
+
+def _as_fp8(ckv, key):
+    """Random entries in the FP8 cache form (``pallas_kernels.Fp8Entries``, RoPE dims D/8)."""
+    B, N, D = ckv.shape
+    rd = D // 8
+    return ref.Fp8Entries(ckv[..., :D - rd].astype(jnp.float8_e4m3fn),
+                          jax.random.randint(key, (B, N, -(-(D - rd) // 64)), -8, 8).astype(jnp.int8),
+                          ckv[..., D - rd:])
 
 
 def _indexer_case(cfg, B, S, q_start, N, key, fp4=False):
@@ -278,6 +296,18 @@ def main():
                 jax.jit(xla), *inputs, reps=reps)
             flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True)
             _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
+                 e1 or e2)
+            if kind == "window":
+                continue
+            # the same with the entries as --kv-cache fp8 holds them (reference: dequantise first)
+            q, kv, ckv, sink = inputs
+            inputs8 = (q, kv, _as_fp8(ckv, key), sink)
+            t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs8, reps=reps)
+            t_x, e2 = (None, "reference skipped") if args.no_reference else _try(
+                jax.jit(lambda q, kv, e, sink: xla(q, kv, ref.dequant_fp8_entries(e, q.dtype), sink)),
+                *inputs8, reps=reps)
+            flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True, fp8=True)
+            _row(kind, f"decode B={B} ctx={ctx} fp8", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
                  e1 or e2)
 
 

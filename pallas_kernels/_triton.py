@@ -122,12 +122,10 @@ def _key_blocks(ref, rows, cols):
 
 
 def _entry_blocks(ckv_ref, rows, cols):
-    """Compressed entries ``rows`` as column blocks: from one ref, or decoded from FP8
-    (``Fp8Entries``: refs of e4m3 codes [R, c], int8 exponents [R, c/64], RoPE dims [R, rd];
-    ``cols`` are then the 64-wide blocks, see ``fp8_blocked``). Each code block is scaled by its
-    row's exponent: one ``[n, 64]`` gather and one ``[n]`` gather per block, never a whole row."""
-    if not isinstance(ckv_ref, tuple):
-        return _key_blocks(ckv_ref, rows, cols)
+    """FP8 compressed entries ``rows`` decoded as the 64-wide column blocks ``cols`` (see
+    ``fp8_blocked``); ``ckv_ref``: refs of e4m3 codes [R, c], int8 exponents [R, c/64], RoPE dims
+    [R, rd]. Each code block is scaled by its row's exponent: one ``[n, 64]`` gather and one
+    ``[n]`` gather per block, never a whole row."""
     codes_ref, exps_ref, rope_ref = ckv_ref
     c = codes_ref.shape[-1]
     out = []
@@ -240,7 +238,7 @@ def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split, n_ckv):
     def body(carry, keys, valid, _):
         m, l, acc = carry
         keys = keys if fp8 else (keys,)
-        s = qk = None
+        qk = None
         for qb, kb in zip(qs, keys):
             d = _dot(qb, kb, prec, trans_b=True)
             qk = d if qk is None else qk + d
