@@ -174,6 +174,24 @@ def _attention_bwd(spec, res, do):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention_fp8(spec: Spec, q, kv, ckv: Fp8Entries, topk_idx, sink, pos):
+    """``attention`` over FP8 compressed entries (a decoding cache): forward only."""
+    return _backend_module(spec.backend).forward(spec, q, kv, ckv, topk_idx, sink, pos)[0]
+
+
+def _attention_fp8_fwd(spec, q, kv, ckv, topk_idx, sink, pos):
+    return attention_fp8(spec, q, kv, ckv, topk_idx, sink, pos), None
+
+
+def _attention_fp8_bwd(spec, res, do):
+    raise ValueError("attention over FP8 compressed entries (Fp8Entries, a decoding cache) has no "
+                     "gradient: pass the entries as a float array to differentiate")
+
+
+attention_fp8.defvjp(_attention_fp8_fwd, _attention_fp8_bwd)
+
+
 def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_start,
         interpret, backend):
     """Validate, choose the backend and call ``attention`` (or the reference for ``xla``)."""
@@ -202,9 +220,9 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
     # Mixed dtypes compute in the promoted type, like the reference; the output has q's dtype.
     dt = jnp.result_type(*(x for x in (q, kv, ckv.rope if fp8 else ckv) if x is not None))
     cast = lambda x: None if x is None else x.astype(dt)
-    if fp8:  # a decoding cache: forward only (no custom_vjp, so differentiating it is an error)
-        ckv = ckv._replace(rope=cast(ckv.rope))
-        o = _backend_module(backend).forward(spec, cast(q), cast(kv), ckv, topk_idx, sink.astype(jnp.float32), pos)[0]
+    if fp8:
+        o = attention_fp8(spec, cast(q), cast(kv), ckv._replace(rope=cast(ckv.rope)), topk_idx,
+                          sink.astype(jnp.float32), pos)
     else:
         o = attention(spec, cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
     return o.astype(q.dtype)

@@ -3,9 +3,9 @@
 ``indexer_scores`` is one Pallas kernel (``_indexer.py``) that reduces over the indexer heads
 inside each tile (a decode-shaped kernel for up to ``DECODE_MAX_S`` queries). Keys may be FP4
 (``Fp4Keys``, as an FP8 KV cache holds them): the GPU kernels decode them tile by tile; on TPU
-they are dequantised before the kernel. ``indexer_topk`` scores the queries in chunks and keeps only the
-top-k of each chunk, so neither the per-head products nor the full ``[S, N]`` score matrix is
-ever materialised: the largest intermediate is ``[B, chunk, N]`` float32.
+they are dequantised before the kernel. ``indexer_topk`` scores the queries in chunks and keeps
+only the top-k of each chunk, so neither the per-head products nor the full ``[S, N]`` score
+matrix is ever materialised: the largest intermediate is ``[B, chunk, N]`` float32.
 Semantics: ``reference.indexer_scores`` / ``reference.indexer_topk``.
 """
 from __future__ import annotations

@@ -330,6 +330,8 @@ def test_fp8_entries_are_checked():
         pk.compressed_attention(q, kv, good._replace(exps=jnp.zeros((1, 3, 2), jnp.int8)), sink, **kw)
     with pytest.raises(ValueError, match="float8_e4m3fn codes"):
         pk.compressed_attention(q, kv, good._replace(codes=jnp.zeros((1, 3, 64))), sink, **kw)
+    with pytest.raises(ValueError, match="has no gradient"):  # a decoding cache, not trained
+        jax.grad(lambda q: jnp.sum(pk.compressed_attention(q, kv, good, sink, **kw)))(q)
 
 
 @pytest.mark.parametrize("mode", ("hca", "csa"))
