@@ -101,12 +101,11 @@ def test_fp4_keys_decode_to_their_values():
     # exponent extremes whose values are normal finite float32 (0.5·2^-125, 6·2^125): XLA on CPU
     # flushes subnormal results to zero
     exps = jnp.asarray(np.concatenate([[[-125], [125]], rng.integers(-125, 126, (254, 1))]), jnp.int8)
-    want = np.asarray(quant.unpack_fp4(packed)) * np.ldexp(1.0, np.asarray(exps, np.int32))
+    want = (np.asarray(quant.unpack_fp4(packed)) * np.ldexp(1.0, np.asarray(exps, np.int32))).astype(np.float32)
+    bits = lambda x: np.asarray(x, np.float32).view(np.uint32)   # signed zeros compare unequal
     for dtype in (jnp.float32, jnp.bfloat16):
-        got = ref.dequant_fp4_keys(pk.Fp4Keys(packed, exps), 32, dtype)
-        np.testing.assert_array_equal(np.asarray(got, np.float32).view(np.uint32), want.astype(np.float32).view(np.uint32))
-        tile = _indexer._fp4_tile(packed, exps, dtype)
-        np.testing.assert_array_equal(np.asarray(tile, np.float32).view(np.uint32), want.astype(np.float32).view(np.uint32))
+        np.testing.assert_array_equal(bits(ref.dequant_fp4_keys(pk.Fp4Keys(packed, exps), 32, dtype)), bits(want))
+        np.testing.assert_array_equal(bits(_indexer._fp4_tile(packed, exps, dtype)), bits(want))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
