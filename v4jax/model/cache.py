@@ -23,7 +23,6 @@ from pallas_kernels.reference import FP8_BLOCK, Fp8Entries
 from v4jax import quant
 
 
-
 def encode_fp8_entries(x, rope_dim: int) -> Fp8Entries:
     """Compressed entries ``[B, N, hd]`` in the FP8 cache form (``kv_cache='fp8'``): the first
     ``hd - rope_dim`` dims as e4m3 codes with one power-of-two scale (an int8 exponent) per 64 dims,
