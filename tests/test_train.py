@@ -165,6 +165,18 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"global_batch=6 must be a multiple of .* = 4"):
         check_batch(6, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1})
     check_batch(8, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
+    with pytest.raises(ConfigError, match=r"tiny.yaml: model: FP4 experts need hidden_size"):
+        load_config(TINY, ["model.hidden_size=100"])
+    # data problems are reported as config errors (train.py prints them without a traceback)
+    # before the model is built
+    from v4jax.trainer import train
+    bad = load_config(TINY, ["data.source=text", f"data.paths=[{tmp_path}/none/*.txt]"])
+    with pytest.raises(ConfigError, match=r"^data: DataConfig.paths: glob .*none/\*.txt' matches no files"):
+        train(bad, tmp_path / "run", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    bad = load_config(TINY, ["data.source=jsonl", f"data.paths=[{tmp_path}/bad.jsonl]"])
+    with pytest.raises(ConfigError, match=r"bad.jsonl:1: no field 'text'"):
+        train(bad, tmp_path / "run", progress=False)
 
 
 def _train(workdir, *overrides, env=None):

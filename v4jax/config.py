@@ -261,7 +261,10 @@ def build(cls, data: dict, *, prefix: str = "", ignore: frozenset | set = frozen
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+        msg = str(e)
+        if prefix and not msg.startswith(prefix):  # "field: ..." -> "model.field: ...", else "model: ..."
+            msg = prefix + msg if msg.split(":")[0].split(" ")[0] in fields else f"{prefix.rstrip('.')}: {msg}"
+        raise ConfigError(msg) from None
 
 
 def from_hf_config(path_or_dict: str | Path | dict, **overrides) -> ModelConfig:

@@ -89,6 +89,10 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.global_batch, mesh.shape)
     is_main = jax.process_index() == 0
+    try:  # first, so that a bad data path or file fails before the model is built
+        data_iter = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from e
 
     model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
                         fp8_weight_qat=tcfg.fp8_weight_qat)
@@ -105,7 +109,6 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
              "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-    data_iter = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
     metrics_path = workdir / "metrics.jsonl"
     start = ckpt.latest_step()
