@@ -222,6 +222,41 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
     assert ckpts[-1] == 16 and len(ckpts) <= 2  # keep: 2
 
 
+@pytest.mark.slow
+def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path):
+    """train.init_from: a train.py run, its export in the released format and that export's orbax form
+    each give a fresh run exactly their weights (hash tables and gate biases included); a resumed run
+    restores its own checkpoint instead; a checkpoint of another model is an error naming the keys."""
+    from flax import nnx
+    from v4jax.checkpoint import load_train_params
+    from v4jax.hf import convert
+    from v4jax.hf.checkpoint import load_model
+    from v4jax.trainer import train
+
+    base = [*FAST, "checkpoint.async_save=false"]
+    src = tmp_path / "src"
+    train(load_config(TINY, base + ["train.steps=2"]), src, progress=False)
+    _, trained, _ = load_train_params(src)
+    convert.orbax_to_hf(src, tmp_path / "hf", progress=False)
+    convert.hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", dtype="bfloat16", progress=False)
+    released = nnx.to_pure_dict(nnx.state(load_model(tmp_path / "hf", progress=False)))
+    # one step whose update is zero: warmup starts at learning rate 0, no gate-bias step
+    still = base + ["train.steps=1", "optimizer.warmup_steps=5", "train.bias_update_speed=0"]
+    for name, path, expected in [("run", src, trained), ("hf", tmp_path / "hf", released),
+                                 ("orbax", tmp_path / "orbax", released)]:
+        train(load_config(TINY, still + [f"train.init_from={path}"]), tmp_path / f"from_{name}", progress=False)
+        _, got, step = load_train_params(tmp_path / f"from_{name}")
+        assert step == 1
+        chex.assert_trees_all_equal(got, jax.tree.map(np.asarray, expected))
+
+    resumed = train(load_config(TINY, still + ["train.steps=2", f"train.init_from={tmp_path}/gone"]),
+                    tmp_path / "from_run", progress=False)
+    assert [m["step"] for m in resumed] == [2]
+    with pytest.raises(ConfigError, match=r"holds a different model.*\n  sliding_window: checkpoint 32, run 16"):
+        train(load_config(TINY, still + ["model.sliding_window=16", f"train.init_from={src}"]),
+              tmp_path / "other", progress=False)
+
+
 def test_optimizer_state_follows_parameter_shardings():
     """Per-parameter optimizer leaves take their parameter's sharding; counts are replicated."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -11,6 +11,7 @@ asynchronous, and only the newest ``keep`` are kept.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from v4jax import data as data_lib
 from v4jax.config import CheckpointConfig, ConfigError, ModelConfig, build
@@ -92,6 +94,60 @@ def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple
     state = _int_keys(restored["state"])
     params = _deep_merge(state["params"], state.get("buffers") or {})
     return model_cfg, jax.tree_util.tree_map(np.asarray, params), step
+
+
+def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = True) -> str:
+    """Fill ``model`` (a float-layout ``Transformer``, possibly abstract) in place with the weights at
+    ``path`` (``train.init_from``) and say what they were. ``path`` is a released HF checkpoint
+    (FP8 / FP4 dequantised), an orbax-form directory (``python -m v4jax.convert hf-to-orbax``) or a
+    ``train.py`` run (its workdir, ``checkpoints`` directory or one step directory: parameters and
+    hash-routing tables only, not its optimizer state or data position). The source's model config must
+    equal ``model.cfg`` (``attention_impl`` / ``moe_impl`` aside); the differences are named if not.
+    With ``mesh``, each tensor goes straight to its shards."""
+    from v4jax.config import from_hf_config
+    from v4jax.hf.checkpoint import load_params
+    from v4jax.hf.convert import is_orbax_dir, is_train_checkpoint, load_orbax_params, open_orbax
+    from v4jax.sharding import placer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"train.init_from: {p} is not a directory")
+    if is_orbax_dir(p):
+        op = open_orbax(p)
+        src_cfg, what = op.cfg, f"orbax-form checkpoint ({op.layout} layout)"
+    elif is_train_checkpoint(p):
+        src_cfg, params, step = load_train_params(p)
+        what = f"train.py checkpoint at step {step}"
+    elif (p / "config.json").is_file():
+        src_cfg, what = from_hf_config(p), "released-format checkpoint"
+    else:
+        raise ConfigError(f"train.init_from: {p} is neither a released checkpoint (config.json + safetensors), "
+                          f"an orbax-form directory (v4jax.json) nor a train.py run")
+    runtime = {k: getattr(model.cfg, k) for k in ("attention_impl", "moe_impl")}
+    src_cfg = dataclasses.replace(src_cfg, **runtime)
+    if src_cfg != model.cfg:
+        diff = [f"{f.name}: checkpoint {getattr(src_cfg, f.name)!r}, run {getattr(model.cfg, f.name)!r}"
+                for f in dataclasses.fields(ModelConfig) if getattr(src_cfg, f.name) != getattr(model.cfg, f.name)]
+        raise ConfigError(f"train.init_from: {p} holds a different model; set the run's model section to the "
+                          f"checkpoint's config. Differences:\n  " + "\n  ".join(diff))
+    if is_orbax_dir(p):
+        load_orbax_params(model, op, "float", progress=progress, mesh=mesh)
+    elif is_train_checkpoint(p):
+        state = nnx.state(model)
+        place = placer(model, mesh)
+        pure = jax.tree_util.tree_map_with_path(
+            lambda kp, t: place(kp, np.asarray(_at(params, kp)).astype(t.dtype)), nnx.to_pure_dict(state))
+        nnx.replace_by_pure_dict(state, pure)
+        nnx.update(model, state)
+    else:
+        load_params(model, p, progress=progress, mesh=mesh)
+    return f"{what} {p}"
+
+
+def _at(tree: dict, key_path):
+    for k in key_path:
+        tree = tree[k.key]
+    return tree
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

@@ -391,6 +391,9 @@ class TrainConfig:
     # products; "bf16x6" / "bf16x3" / "bf16": that many bf16 tensor-core passes (x6 ~ fp32 accuracy,
     # x3 ~ 1e-5 relative, 1 pass ~ 4e-3), production mode only. XLA:CPU computes all of them in fp32.
     head_precision: Literal["fp32", "bf16x6", "bf16x3", "bf16"] = "fp32"
+    # a fresh run's initial weights (a resumed run restores its own): a released checkpoint, an
+    # orbax-form directory or a train.py run; its model config must equal the run's (v4jax.checkpoint.init_weights)
+    init_from: str | None = None
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")

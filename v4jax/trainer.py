@@ -19,9 +19,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from v4jax import sharding
-from v4jax.checkpoint import TrainCheckpointer, write_json_atomic
+from v4jax.checkpoint import TrainCheckpointer, init_weights, write_json_atomic
 from v4jax.config import Config, ConfigError
 from v4jax.data import make_iterator
+from v4jax.hf.safetensors import CheckpointError
 from v4jax.model.transformer import Transformer
 from v4jax.optim import build_optimizer, learning_rate_schedule
 from v4jax.train_step import make_train_step, train_flops_per_token
@@ -80,6 +81,25 @@ def _truncate_metrics(path: Path, last_step: int):
         path.write_text("".join(l + "\n" for l in keep))
 
 
+def _initial_model(cfg: Config, mesh, *, from_checkpoint: bool, progress: bool) -> tuple[Transformer, str | None]:
+    """(the model to train, where its weights came from): randomly initialised (None), or for a fresh
+    run with ``train.init_from`` filled with that checkpoint's weights, each tensor loaded straight to its
+    shards."""
+    tcfg = cfg.train
+
+    def build():
+        return Transformer(cfg.model, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
+                           fp8_weight_qat=tcfg.fp8_weight_qat)
+
+    if not from_checkpoint:
+        return build(), None
+    model = nnx.eval_shape(build)
+    try:
+        return model, init_weights(model, tcfg.init_from, mesh=mesh, progress=progress)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"train.init_from: {e}") from e
+
+
 def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> list[dict]:
     """Run (or resume) training; returns the metrics logged by this invocation."""
     maybe_initialize_distributed()
@@ -94,8 +114,17 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data: {e}") from e
 
-    model = Transformer(mcfg, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
-                        fp8_weight_qat=tcfg.fp8_weight_qat)
+    ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
+    start = ckpt.latest_step()
+
+    try:
+        model, source = _initial_model(cfg, mesh, from_checkpoint=start is None and bool(tcfg.init_from),
+                                       progress=progress and is_main)
+    except BaseException:
+        ckpt.close()
+        raise
+    if source and is_main:
+        print(f"initial weights: {source}")
     graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
     p_shard = sharding.param_shardings(params_state, mesh)
     params = jax.device_put(nnx.to_pure_dict(params_state), p_shard)
@@ -109,9 +138,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
              "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
     state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
 
-    ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
     metrics_path = workdir / "metrics.jsonl"
-    start = ckpt.latest_step()
     if start is not None:
         _check_same_model(ckpt.saved_config(start), cfg)
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)

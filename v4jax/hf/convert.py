@@ -684,16 +684,9 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
                      attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True,
                      mesh=None, kv_cache: str = "auto"):
     """A ``Transformer`` from an orbax-form directory, in the requested ``layout`` (split over ``mesh``
-    if given, as ``load_model`` does).
-
-    Same layout as stored: leaves are restored and cast (``tid2eid`` to int32). Otherwise each
-    parameter is built from the released tensors of the stored leaves exactly as ``load_model`` builds
-    it from safetensors (dequantised for ``float``, quantised for ``released``), so a released-layout
-    orbax directory gives the same model as the HF checkpoint it came from.
-    """
+    if given, as ``load_model`` does); see ``load_orbax_params``."""
     from v4jax.model.layers import WeightLayout
     from v4jax.model.transformer import Transformer
-    from v4jax.sharding import placer
     op = open_orbax(path)
     overrides = {k: v for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl)) if v is not None}
     cfg = from_hf_config(op.path, **overrides) if overrides else op.cfg
@@ -701,6 +694,21 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
     wl = WeightLayout.float(dtype) if layout == "float" else WeightLayout.released(cfg)
     model = nnx.eval_shape(lambda: Transformer(cfg, mode=mode, layout=wl, rngs=nnx.Rngs(0), kv_cache=kv_cache))
+    load_orbax_params(model, op, layout, progress=progress, mesh=mesh)
+    return model
+
+
+def load_orbax_params(model, op: OrbaxParams, layout: str, *, progress: bool = True, mesh=None) -> None:
+    """Fill ``model`` (built for ``op.cfg`` in ``layout``, possibly abstract) in place from an opened
+    orbax-form directory; with ``mesh``, each leaf goes straight to its shards (``sharding.placer``).
+
+    Same layout as stored: leaves are restored and cast (``tid2eid`` to int32). Otherwise each
+    parameter is built from the released tensors of the stored leaves exactly as ``load_model`` builds
+    it from safetensors (dequantised for ``float``, quantised for ``released``), so a released-layout
+    orbax directory gives the same model as the HF checkpoint it came from.
+    """
+    from v4jax.sharding import placer
+    cfg = model.cfg
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
     targets = _flatten(pure)
@@ -719,4 +727,3 @@ def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
-    return model
