@@ -51,7 +51,8 @@ class DataConfig:
 
     source:       "stdlib" (embedded default: this interpreter's stdlib *.py files),
                   "text" (one document per file), "jsonl" (one document per line, the
-                  string field `text_field`), "tokens" (1-D integer .npy files).
+                  string field `text_field`), "tokens" (1-D integer .npy files: one document
+                  each, or several listed by a SHARD.doc_lengths beside, see v4jax.pretokenize).
     paths:        files or globs (`**` allowed), read in the given order, globs sorted.
     tokenizer:    tokenizer.json (or a directory holding one); None = the shipped tiny one.
     bos_id, eos_id: None = read from the tokenizer (tokenizer_config.json beside it, or
@@ -187,7 +188,11 @@ def read_text(path: str) -> str:
 
 
 def read_jsonl(path: str, field: str) -> list[str]:
-    texts = []
+    return list(iter_jsonl(path, field))
+
+
+def iter_jsonl(path: str, field: str):
+    """The string field ``field`` of each non-empty line of a JSONL file, in order."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -203,8 +208,7 @@ def read_jsonl(path: str, field: str) -> list[str]:
                 raise ValueError(
                     f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, expected str"
                 )
-            texts.append(record[field])
-    return texts
+            yield record[field]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +224,9 @@ class _Corpus:
         return self.arrays[self.array[i]][self.start[i] : self.start[i] + self.length[i]]
 
 
-def _tokenize(texts: list[str], cfg: DataConfig) -> _Corpus:
-    """Tokenises documents into one flat int32 array: [bos] + ids + [eos] per document."""
+def document_encoder(cfg: DataConfig):
+    """``encode(texts) -> [int32 array per document]``: ``[bos] + ids + [eos]`` (bos with ``add_bos``)
+    by ``cfg``'s tokenizer and special ids, as every text source of a run tokenises."""
     tok = load_tokenizer(cfg.tokenizer)
     bos, eos = special_ids(tok, cfg.tokenizer)
     bos = cfg.bos_id if cfg.bos_id is not None else bos
@@ -232,29 +237,53 @@ def _tokenize(texts: list[str], cfg: DataConfig) -> _Corpus:
     if cfg.add_bos and bos is None:
         raise ValueError(f"cannot find the bos token in {name}; set DataConfig.bos_id")
     head, tail = ([bos] if cfg.add_bos else []), [eos]
-    pieces = []
-    for i in range(0, len(texts), 1024):
-        for enc in tok.encode_batch_fast(texts[i : i + 1024], add_special_tokens=False):
-            pieces.append(np.asarray(head + enc.ids + tail, np.int32))
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(head + enc.ids + tail, np.int32)
+                for enc in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    return encode
+
+
+def _tokenize(texts: list[str], cfg: DataConfig) -> _Corpus:
+    """Tokenises documents into one flat int32 array (``document_encoder``)."""
+    encode = document_encoder(cfg)
+    pieces = [p for i in range(0, len(texts), 1024) for p in encode(texts[i : i + 1024])]
     length = np.array([len(p) for p in pieces], np.int64)
     start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     return _Corpus([flat], np.zeros(len(pieces), np.int64), start, length)
 
 
+DOC_LENGTHS = ".doc_lengths"  # beside SHARD.npy: SHARD.doc_lengths, its documents' lengths (npy format)
+
+
 def _load_tokens(files: list[str]) -> _Corpus:
-    """Memory-maps pre-tokenised 1-D integer .npy files, one document each."""
-    arrays = []
-    for f in files:
+    """Memory-maps pre-tokenised 1-D integer .npy files: one document each, or the documents that a
+    ``SHARD.doc_lengths`` file beside ``SHARD.npy`` lists (as ``python -m v4jax.pretokenize`` writes)."""
+    arrays, array, start, length = [], [], [], []
+    for i, f in enumerate(files):
         try:
             a = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise ValueError(f"{f}: not a .npy array file ({e})") from e
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"{f}: expected a 1-D integer array of token ids, found {a.dtype} {a.shape}")
+        lengths_file = os.path.splitext(f)[0] + DOC_LENGTHS
+        if os.path.isfile(lengths_file):
+            try:
+                n = np.load(lengths_file, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"{lengths_file}: not a .npy array file ({e})") from e
+            if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n < 1).any() or n.sum() != a.size:
+                raise ValueError(f"{lengths_file}: expected positive document lengths summing to the "
+                                 f"{a.size} tokens of {f}, found {n.dtype} {n.shape} summing to {n.sum()}")
+        else:
+            n = np.array([a.size])
         arrays.append(a)
-    n = len(arrays)
-    return _Corpus(arrays, np.arange(n), np.zeros(n, np.int64), np.array([a.size for a in arrays], np.int64))
+        array.append(np.full(n.size, i))
+        start.append(np.cumsum(n) - n)
+        length.append(n)
+    return _Corpus(arrays, *(np.concatenate(x).astype(np.int64) for x in (array, start, length)))
 
 
 def _load_corpus(cfg: DataConfig) -> tuple[_Corpus, str]:
