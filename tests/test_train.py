@@ -223,11 +223,13 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path):
+def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path, monkeypatch):
     """train.init_from: a train.py run, its export in the released format and that export's orbax form
-    each give a fresh run exactly their weights (hash tables and gate biases included); a resumed run
-    restores its own checkpoint instead; a checkpoint of another model is an error naming the keys."""
+    each give a fresh run exactly their weights (hash tables and gate biases included), read a few
+    leaves at a time; a resumed run restores its own checkpoint instead; a checkpoint of another model
+    is an error naming the keys."""
     from flax import nnx
+    from v4jax import checkpoint
     from v4jax.checkpoint import load_train_params
     from v4jax.hf import convert
     from v4jax.hf.checkpoint import load_model
@@ -242,12 +244,23 @@ def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path):
     released = nnx.to_pure_dict(nnx.state(load_model(tmp_path / "hf", progress=False)))
     # one step whose update is zero: warmup starts at learning rate 0, no gate-bias step
     still = base + ["train.steps=1", "optimizer.warmup_steps=5", "train.bias_update_speed=0"]
+    reads = []
+    read = checkpoint.TrainRunParams.read
+    monkeypatch.setattr(checkpoint.TrainRunParams, "read", lambda self, names: reads.append(
+        sum(self.leaves[n].size * self.leaves[n].dtype.itemsize for n in names)) or read(self, names))
+    monkeypatch.setattr(convert, "GROUP_BYTES", 1 << 16)
     for name, path, expected in [("run", src, trained), ("hf", tmp_path / "hf", released),
                                  ("orbax", tmp_path / "orbax", released)]:
+        reads.clear()
         train(load_config(TINY, still + [f"train.init_from={path}"]), tmp_path / f"from_{name}", progress=False)
+        if name == "run":
+            init_reads = list(reads)
         _, got, step = load_train_params(tmp_path / f"from_{name}")
         assert step == 1
         chex.assert_trees_all_equal(got, jax.tree.map(np.asarray, expected))
+
+    largest = max(a.size * a.dtype.itemsize for a in jax.tree.leaves(trained))
+    assert len(init_reads) > 10 and max(init_reads) <= max(1 << 16, largest), init_reads  # streamed
 
     resumed = train(load_config(TINY, still + ["train.steps=2", f"train.init_from={tmp_path}/gone"]),
                     tmp_path / "from_run", progress=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -64,12 +65,44 @@ def _int_keys(tree):
     return tree
 
 
-def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, int]:
-    """Model config, model state (numpy pure dict: params and ``tid2eid`` tables) and step of a
-    checkpoint written by ``train.py``.
+class _Without(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
-    ``path``: the run's workdir, its ``checkpoints`` directory, or one step's directory.
-    """
+    def filter(self, record) -> bool:
+        return self.text not in record.getMessage()
+
+
+@dataclasses.dataclass
+class TrainRunParams:
+    """The model state (parameters and ``tid2eid`` tables, not the optimizer's) of one ``train.py``
+    checkpoint step, its leaves read on demand (``open_train_run``); the interface of
+    ``hf.convert.OrbaxParams``, so export and ``train.init_from`` stream it leaf by leaf."""
+    path: Path                                # the step directory
+    step: int
+    run: dict                                 # the run's config (JSON)
+    cfg: ModelConfig
+    leaves: dict[str, jax.ShapeDtypeStruct]   # "layers.0.ffn.gate.tid2eid" -> shape / dtype
+    section: dict[str, str]                   # leaf -> "params" | "buffers" (its subtree of the state)
+
+    def read(self, names) -> dict[str, np.ndarray]:
+        """The named leaves only (one orbax partial restore)."""
+        from v4jax.hf.convert import _flatten, _nest
+        item = _nest({f"{self.section[n]}.{n}": self.leaves[n] for n in names}, int_keys=False)
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        got = ocp.PyTreeCheckpointer().restore(self.path / "state", args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+        return {n.split(".", 1)[1]: np.asarray(a) for n, a in _flatten(got).items()}
+
+    def all(self) -> dict[str, np.ndarray]:
+        return self.read(self.leaves)
+
+
+def open_train_run(path: str | os.PathLike, step: int | None = None) -> TrainRunParams:
+    """A ``train.py`` checkpoint: the run's workdir, its ``checkpoints`` directory or one step's directory
+    (``step``: default the newest). Reads the config and the leaves' metadata, no array."""
+    from v4jax.hf.convert import _flatten, _nest
     p = Path(path).absolute()
     if not p.exists():
         raise FileNotFoundError(f"training checkpoint path does not exist: {p}")
@@ -82,18 +115,37 @@ def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple
     manager = ocp.CheckpointManager(root)
     step = manager.latest_step() if step is None else step
     if step is None:
+        manager.close()
         raise FileNotFoundError(f"no training checkpoint under {root}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             config=ocp.args.JsonRestore()))
+    run = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     manager.close()
-    cfg_dict = restored["config"]
     try:
-        model_cfg = build(ModelConfig, cfg_dict["model"], prefix="model.")
+        model_cfg = build(ModelConfig, run["model"], prefix="model.")
     except (KeyError, ConfigError) as e:
         raise ConfigError(f"{root}/{step}/config: not a v4jax training config ({e})") from None
-    state = _int_keys(restored["state"])
-    params = _deep_merge(state["params"], state.get("buffers") or {})
-    return model_cfg, jax.tree_util.tree_map(np.asarray, params), step
+    # the step's state item has no metadata file of its own (the manager keeps it per step): orbax says so
+    quiet = _Without("Metadata file does not exist")
+    logging.getLogger("absl").addFilter(quiet)
+    try:
+        md = ocp.PyTreeCheckpointer().metadata(root / str(step) / "state")
+    finally:
+        logging.getLogger("absl").removeFilter(quiet)
+    tree = getattr(getattr(md, "item_metadata", md), "tree", md)
+    leaves, section = {}, {}
+    for top in ("params", "buffers"):
+        for name, m in _flatten(tree.get(top) or {}).items():
+            leaves[name] = jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype))
+            section[name] = top
+    order = _flatten(_nest(dict.fromkeys(leaves)))  # params and buffers interleaved, as the model's state
+    return TrainRunParams(root / str(step), step, run, model_cfg, {n: leaves[n] for n in order}, section)
+
+
+def load_train_params(path: str | os.PathLike, step: int | None = None) -> tuple[ModelConfig, dict, int]:
+    """Model config, model state (numpy pure dict: params and ``tid2eid`` tables) and step of a
+    checkpoint written by ``train.py`` (``open_train_run`` reads them leaf by leaf)."""
+    from v4jax.hf.convert import _nest
+    r = open_train_run(path, step)
+    return r.cfg, _nest(r.all()), r.step
 
 
 def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = True) -> str:
@@ -106,8 +158,7 @@ def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = 
     With ``mesh``, each tensor goes straight to its shards."""
     from v4jax.config import from_hf_config
     from v4jax.hf.checkpoint import load_params
-    from v4jax.hf.convert import is_orbax_dir, is_train_checkpoint, load_orbax_params, open_orbax
-    from v4jax.sharding import placer
+    from v4jax.hf.convert import fill_model, is_orbax_dir, is_train_checkpoint, load_orbax_params, open_orbax
 
     p = Path(path)
     if not p.is_dir():
@@ -116,8 +167,8 @@ def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = 
         op = open_orbax(p)
         src_cfg, what = op.cfg, f"orbax-form checkpoint ({op.layout} layout)"
     elif is_train_checkpoint(p):
-        src_cfg, params, step = load_train_params(p)
-        what = f"train.py checkpoint at step {step}"
+        run = open_train_run(p)
+        src_cfg, what = run.cfg, f"train.py checkpoint at step {run.step}"
     elif (p / "config.json").is_file():
         src_cfg, what = from_hf_config(p), "released-format checkpoint"
     else:
@@ -133,21 +184,10 @@ def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = 
     if is_orbax_dir(p):
         load_orbax_params(model, op, "float", progress=progress, mesh=mesh)
     elif is_train_checkpoint(p):
-        state = nnx.state(model)
-        place = placer(model, mesh)
-        pure = jax.tree_util.tree_map_with_path(
-            lambda kp, t: place(kp, np.asarray(_at(params, kp)).astype(t.dtype)), nnx.to_pure_dict(state))
-        nnx.replace_by_pure_dict(state, pure)
-        nnx.update(model, state)
+        fill_model(model, run.leaves, run.read, mesh=mesh, progress=progress)
     else:
         load_params(model, p, progress=progress, mesh=mesh)
     return f"{what} {p}"
-
-
-def _at(tree: dict, key_path):
-    for k in key_path:
-        tree = tree[k.key]
-    return tree
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

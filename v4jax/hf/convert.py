@@ -575,25 +575,6 @@ def is_train_checkpoint(path) -> bool:
     return p.is_dir() and any(c.is_dir() and c.name.isdigit() and (c / "state").is_dir() for c in p.iterdir())
 
 
-def _train_run(path) -> tuple[dict, ModelConfig, dict, int]:
-    """(run config dict, model config, model state ``{leaf: array}`` incl. ``tid2eid``, step)."""
-    import orbax.checkpoint as ocp
-
-    from v4jax.checkpoint import load_train_params
-    cfg, params, step = load_train_params(path)
-    p = Path(path).absolute()
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else (p.parent if (p / "state").is_dir() else p)
-    manager = ocp.CheckpointManager(root)
-    run = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    manager.close()
-    flat = {n: np.asarray(a) for n, a in _flatten(params).items()}
-    missing = [f"layers.{i}.ffn.gate.tid2eid" for i in range(cfg.num_hash_layers)
-               if f"layers.{i}.ffn.gate.tid2eid" not in flat]
-    if missing:
-        raise ConversionError(f"{path}: the training checkpoint has no hash-routing tables {missing}")
-    return run, cfg, flat, step
-
-
 def orbax_to_hf(src, out_dir, *, shard_size: int | str = "5GB", force: bool = False, progress: bool = True) -> Path:
     """Write a released-format HF checkpoint from an orbax-form directory or a ``train.py`` checkpoint
     (workdir, its ``checkpoints`` directory or one step directory). Float weights are quantised as the
@@ -606,15 +587,15 @@ def orbax_to_hf(src, out_dir, *, shard_size: int | str = "5GB", force: bool = Fa
         op = open_orbax(src)
         cfg, leaves, read_leaves = op.cfg, op.leaves, op.read
     elif is_train_checkpoint(src):
+        from v4jax.checkpoint import open_train_run
         try:
-            run, cfg, flat, step = _train_run(src)
+            r = open_train_run(src)
         except (FileNotFoundError, ConfigError, KeyError) as e:
             raise ConversionError(f"{src}: cannot read the training checkpoint ({e})") from e
-        leaves = {n: jax.ShapeDtypeStruct(a.shape, a.dtype) for n, a in flat.items()}
+        cfg, leaves, read_leaves, step = r.cfg, r.leaves, r.read, r.step
         check_leaves(cfg, leaves, "float", "float32", where=f"{src} (step {step})")
-        read_leaves = lambda names: {n: flat.pop(n) for n in names}  # each leaf is released once written
         from v4jax.tokenizer import TINY_TOKENIZER
-        tok = Path((run.get("data") or {}).get("tokenizer") or TINY_TOKENIZER)
+        tok = Path((r.run.get("data") or {}).get("tokenizer") or TINY_TOKENIZER)
         tok = tok / "tokenizer.json" if tok.is_dir() else tok
         side = [(tok, "tokenizer.json")] + [(tok.parent / n, n) for n in COPIED_FILES[1:]]
         if progress:
@@ -707,23 +688,59 @@ def load_orbax_params(model, op: OrbaxParams, layout: str, *, progress: bool = T
     it from safetensors (dequantised for ``float``, quantised for ``released``), so a released-layout
     orbax directory gives the same model as the HF checkpoint it came from.
     """
-    from v4jax.sharding import placer
+    if layout == op.layout:
+        fill_model(model, op.leaves, op.read, mesh=mesh, progress=progress)
+        return
     cfg = model.cfg
+    view = _ReleaseView(op.cfg, op.leaves, op.leaf, op.path)
+    validate(view, cfg)
+    _fill(model, lambda name, t: read_leaf(view, name, t, cfg.n_routed_experts), mesh, progress)
+
+
+def fill_model(model, leaves: dict[str, jax.ShapeDtypeStruct], read_leaves: Callable[[list[str]], dict], *,
+               mesh=None, progress: bool = True) -> None:
+    """Fill ``model`` (possibly abstract) in place from stored leaves of its own layout, cast to its
+    dtypes: ``read_leaves(names)`` is called with runs of small leaves of at most ``GROUP_BYTES`` together
+    (a large leaf alone), and each leaf goes to its shards at once, so host memory holds one group."""
+    targets = _flatten(nnx.to_pure_dict(nnx.state(model)))
+    missing, unexpected = sorted(set(targets) - set(leaves)), sorted(set(leaves) - set(targets))
+    if missing or unexpected:
+        raise ConversionError(f"the checkpoint's leaves are not the model's: missing {missing[:20]}, "
+                              f"unexpected {unexpected[:20]}")
+    groups, group_of, size = [], {}, GROUP_BYTES
+    for name in targets:
+        s = leaves[name]
+        nbytes = int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+        if size + nbytes > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        group_of[name] = len(groups) - 1
+        size += nbytes
+    pending: dict[str, np.ndarray] = {}
+
+    def read(name, target):
+        if name not in pending:
+            pending.update(read_leaves(groups[group_of[name]]))
+        a = pending.pop(name)
+        if tuple(a.shape) != tuple(target.shape):
+            raise ConversionError(f"leaf {name!r}: stored shape {list(a.shape)}, the model's {list(target.shape)}")
+        return a.astype(target.dtype)
+    _fill(model, read, mesh, progress)
+
+
+def _fill(model, read: Callable, mesh, progress: bool) -> None:
+    """``model``'s leaves from ``read(name, abstract leaf) -> host array``, in order, each placed on its
+    shards (``sharding.placer``) as soon as it is read."""
+    from v4jax.sharding import placer
     state = nnx.state(model)
     pure = nnx.to_pure_dict(state)
-    targets = _flatten(pure)
-    key_paths = {path_to_name(tuple(k.key for k in kp)): kp for kp, _ in jax.tree_util.tree_leaves_with_path(pure)}
     place = placer(model, mesh)
+    leaves = jax.tree_util.tree_leaves_with_path(pure)
     new = {}
-    if layout == op.layout:
-        stored = op.all()
-        for name, t in tqdm(targets.items(), desc="loading", unit="leaf", disable=not progress):
-            new[name] = place(key_paths[name], stored.pop(name).astype(t.dtype))
-    else:
-        view = _ReleaseView(op.cfg, op.leaves, op.leaf, op.path)
-        validate(view, cfg)
-        for name, t in tqdm(targets.items(), desc="loading", unit="leaf", disable=not progress):
-            new[name] = place(key_paths[name], read_leaf(view, name, t, cfg.n_routed_experts))
+    for kp, t in tqdm(leaves, desc="loading", unit="leaf", disable=not progress):
+        name = path_to_name(tuple(k.key for k in kp))
+        new[name] = place(kp, read(name, t))
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
