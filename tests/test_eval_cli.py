@@ -236,6 +236,23 @@ def test_loading_onto_a_device_mesh_splits_the_weights(ckpt, layout):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_bench_of_a_random_model_on_a_device_mesh(tmp_path):
+    """--config with --mesh: the random model is created split (each device draws its shards) and the
+    benchmark, KV-cache figure included, runs under the mesh."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    out = subprocess.run([sys.executable, str(REPO / "eval.py"), "bench", "--config", str(REPO / "configs" / "tiny.yaml"),
+                          "--mesh", "expert=2,tensor=2", "--batch", "2", "--prompt-len", "32", "--decode-steps", "2",
+                          "--iters", "1", "--quiet", "--json", str(tmp_path / "bench.json")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["decode_tokens_per_s"] > 0 and r["kv_bytes_per_token"] > 0
+
+
 def test_cli_bad_mesh_flag_names_the_problem(ckpt):
     ev = _eval_cli()
     for spec, msg in (("experts=2", "unknown axis 'experts'"), ("expert:2", "not AXIS=SIZE"),

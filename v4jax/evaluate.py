@@ -47,11 +47,13 @@ def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str =
     overrides = [f"model.{k}={v}" for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl))
                  if v is not None]
     cfg = load_model_config(config, overrides)
-    model = Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed), kv_cache=kv_cache)
-    if mesh is not None:
-        from v4jax.sharding import shard_model
-        shard_model(model, mesh)
-    return model
+
+    def build():
+        return Transformer(cfg, mode=mode, rngs=nnx.Rngs(seed), kv_cache=kv_cache)
+    if mesh is not None:  # a full-size random model (benchmarks) fits only split
+        from v4jax.sharding import init_sharded
+        return init_sharded(build, mesh)
+    return build()
 
 
 def load_tokenizer_for(checkpoint=None, tokenizer=None):

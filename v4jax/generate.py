@@ -135,9 +135,11 @@ def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1, 
     numerics, layout = Numerics(mode, kv_cache=kv_cache), WeightLayout.float()
     parts = {}
     for i in range(cfg.num_hidden_layers):
-        attn = nnx.eval_shape(lambda: Attention(cfg, cfg.compress_ratios[i], numerics=numerics, layout=layout,
-                                                rngs=nnx.Rngs(0)))
-        c = jax.eval_shape(lambda: attn.empty_cache(batch, context, numerics.dtype))
+        # outside any mesh the caller runs under: shapes only, and logical axis names are no mesh axes
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            attn = nnx.eval_shape(lambda: Attention(cfg, cfg.compress_ratios[i], numerics=numerics,
+                                                    layout=layout, rngs=nnx.Rngs(0)))
+            c = jax.eval_shape(lambda: attn.empty_cache(batch, context, numerics.dtype))
         for name in ("win_kv", "ckv", "comp_k", "comp_s", "ikv", "icomp_k", "icomp_s"):
             a = getattr(c, name)
             if a is not None:

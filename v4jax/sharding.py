@@ -81,13 +81,17 @@ def placer(model, mesh: Mesh | None):
     return lambda kp, x: jax.device_put(x, by_path[_path_key(kp)])
 
 
-def shard_model(model, mesh: Mesh) -> None:
-    """Move an existing (concrete) model's state onto ``mesh`` in place, split as ``placer`` does."""
+def init_sharded(build, mesh: Mesh):
+    """``build()`` (an nnx module constructor with random initialisers) run as one jitted function whose
+    outputs carry ``param_shardings``: each device draws only its own shards, so no device ever holds
+    the whole model. JAX's threefry keys are partitionable, so the values do not depend on the mesh."""
+    model = nnx.eval_shape(build)
+    shardings = param_shardings(nnx.state(model), mesh)
+    pure = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=shardings)()
     state = nnx.state(model)
-    place = placer(model, mesh)
-    pure = jax.tree_util.tree_map_with_path(place, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
+    return model
 
 
 def _path_key(path) -> tuple:

@@ -91,16 +91,9 @@ def _initial_model(cfg: Config, mesh, *, from_checkpoint: bool, progress: bool) 
         return Transformer(cfg.model, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
                            fp8_weight_qat=tcfg.fp8_weight_qat)
 
-    model = nnx.eval_shape(build)
     if not from_checkpoint:
-        # compiled with the parameters' shardings: each device draws only its own shards, so no device
-        # ever holds the whole model (threefry keys are partitionable: the values do not depend on the mesh)
-        shardings = sharding.param_shardings(nnx.state(model), mesh)
-        pure = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())), out_shardings=shardings)()
-        state = nnx.state(model)
-        nnx.replace_by_pure_dict(state, pure)
-        nnx.update(model, state)
-        return model, None
+        return sharding.init_sharded(build, mesh), None
+    model = nnx.eval_shape(build)
     try:
         return model, init_weights(model, tcfg.init_from, mesh=mesh, progress=progress)
     except (CheckpointError, FileNotFoundError) as e:
