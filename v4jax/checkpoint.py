@@ -20,7 +20,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from v4jax import data as data_lib
 from v4jax.config import CheckpointConfig, ConfigError, ModelConfig, build
@@ -56,13 +55,6 @@ class TrainCheckpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _int_keys(tree):
-    """Orbax restores dict keys as strings without a target: give list indices back their int keys."""
-    if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 class _Without(logging.Filter):
@@ -188,13 +180,6 @@ def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = 
     else:
         load_params(model, p, progress=progress, mesh=mesh)
     return f"{what} {p}"
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def write_json_atomic(path: Path, obj) -> None:

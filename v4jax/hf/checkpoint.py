@@ -75,22 +75,26 @@ def read_leaf(reader: SafetensorsReader, name: str, target, n_experts: int) -> n
 def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool = True, mesh=None) -> None:
     """Fill ``model`` (built for the checkpoint's config, possibly abstract) in place from ``path``;
     with ``mesh``, each tensor goes straight to its shards (``sharding.placer``)."""
-    from v4jax.sharding import placer
-
     cfg = model.cfg
-    place = placer(model, mesh)
     with SafetensorsReader(path) as reader:
         validate(reader, cfg)
-        state = nnx.state(model)
-        pure = nnx.to_pure_dict(state)
-        leaves = jax.tree_util.tree_leaves_with_path(pure)
-        bar = tqdm(total=len(reader), desc="loading", unit="tensor", disable=not progress)
-        new = {}
-        for kp, target in leaves:
-            name = path_to_name(tuple(k.key for k in kp))
-            new[name] = place(kp, read_leaf(reader, name, target, cfg.n_routed_experts))
-            bar.update(len(tensor_names(name, cfg.n_routed_experts)))
-        bar.close()
+        fill_leaves(model, lambda name, t: read_leaf(reader, name, t, cfg.n_routed_experts), mesh=mesh,
+                    progress=progress)
+
+
+def fill_leaves(model, read, *, mesh=None, progress: bool = True) -> None:
+    """Set ``model``'s leaves (possibly abstract) to ``read(name, abstract leaf) -> host array``, in order,
+    each placed on the default device or, with ``mesh``, on its shards (``sharding.placer``) as soon as
+    it is read, so host memory holds one leaf at a time."""
+    from v4jax.sharding import placer
+
+    state = nnx.state(model)
+    pure = nnx.to_pure_dict(state)
+    place = placer(model, mesh)
+    new = {}
+    for kp, t in tqdm(jax.tree_util.tree_leaves_with_path(pure), desc="loading", unit="leaf", disable=not progress):
+        name = path_to_name(tuple(k.key for k in kp))
+        new[name] = place(kp, read(name, t))
     pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)

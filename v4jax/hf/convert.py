@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from v4jax import quant
 from v4jax.config import ConfigError, ModelConfig, from_hf_config
-from v4jax.hf.checkpoint import read_leaf, validate
+from v4jax.hf.checkpoint import fill_leaves, read_leaf, validate
 from v4jax.hf.names import expected_tensors, expert_stack, path_to_name, tensor_names
 from v4jax.hf.safetensors import DTYPES, INDEX_FILE, CheckpointError, SafetensorsReader
 
@@ -694,7 +694,7 @@ def load_orbax_params(model, op: OrbaxParams, layout: str, *, progress: bool = T
     cfg = model.cfg
     view = _ReleaseView(op.cfg, op.leaves, op.leaf, op.path)
     validate(view, cfg)
-    _fill(model, lambda name, t: read_leaf(view, name, t, cfg.n_routed_experts), mesh, progress)
+    fill_leaves(model, lambda name, t: read_leaf(view, name, t, cfg.n_routed_experts), mesh=mesh, progress=progress)
 
 
 def fill_model(model, leaves: dict[str, jax.ShapeDtypeStruct], read_leaves: Callable[[list[str]], dict], *,
@@ -726,21 +726,4 @@ def fill_model(model, leaves: dict[str, jax.ShapeDtypeStruct], read_leaves: Call
         if tuple(a.shape) != tuple(target.shape):
             raise ConversionError(f"leaf {name!r}: stored shape {list(a.shape)}, the model's {list(target.shape)}")
         return a.astype(target.dtype)
-    _fill(model, read, mesh, progress)
-
-
-def _fill(model, read: Callable, mesh, progress: bool) -> None:
-    """``model``'s leaves from ``read(name, abstract leaf) -> host array``, in order, each placed on its
-    shards (``sharding.placer``) as soon as it is read."""
-    from v4jax.sharding import placer
-    state = nnx.state(model)
-    pure = nnx.to_pure_dict(state)
-    place = placer(model, mesh)
-    leaves = jax.tree_util.tree_leaves_with_path(pure)
-    new = {}
-    for kp, t in tqdm(leaves, desc="loading", unit="leaf", disable=not progress):
-        name = path_to_name(tuple(k.key for k in kp))
-        new[name] = place(kp, read(name, t))
-    pure = jax.tree_util.tree_map_with_path(lambda kp, _: new[path_to_name(tuple(k.key for k in kp))], pure)
-    nnx.replace_by_pure_dict(state, pure)
-    nnx.update(model, state)
+    fill_leaves(model, read, mesh=mesh, progress=progress)
