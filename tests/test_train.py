@@ -298,8 +298,10 @@ def test_optimizer_state_follows_parameter_shardings():
 @pytest.mark.slow
 def test_training_on_a_device_mesh_matches_one_device(tmp_path):
     """Four host devices, data=2 x expert=2, then resumed on fsdp=2 x tensor=2 (the checkpoint is
-    resharded on restore), give one device's losses."""
+    resharded on restore), give one device's losses; so do two processes of two devices each
+    (jax.distributed, a checkpoint written and restored by both)."""
     import os
+    import socket
 
     exact = ["train.mode=exact", "train.steps=4"]
     one = _train(tmp_path / "one", *exact)
@@ -307,10 +309,27 @@ def test_training_on_a_device_mesh_matches_one_device(tmp_path):
     _train(tmp_path / "mesh", "train.mode=exact", "train.steps=2", "checkpoint.every=2", "mesh.data=2",
            "mesh.expert=2", env=env)
     four = _train(tmp_path / "mesh", *exact, "mesh.fsdp=2", "mesh.tensor=2", env=env)
-    assert [m["step"] for m in four] == [1, 2, 3, 4]
-    for a, b in zip(one, four):
+
+    def two_processes(*overrides):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        work = tmp_path / "processes"
+        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work), "--quiet",
+               *FAST, "mesh.data=2", "mesh.expert=2", *overrides]
+        procs = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(
+            os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"localhost:{port}")) for i in range(2)]
+        assert [p.wait(timeout=600) for p in procs] == [0, 0]
+        return [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
+
+    two_processes("train.mode=exact", "train.steps=2", "checkpoint.every=2")
+    processes = two_processes(*exact)
+    assert [m["step"] for m in four] == [m["step"] for m in processes] == [1, 2, 3, 4]
+    for a, b, c in zip(one, four, processes):
         for key in ("loss", "mtp_ce", "grad_norm", "max_expert_load"):
-            assert abs(a[key] - b[key]) <= 1e-3 * abs(a[key]), (a["step"], key, a[key], b[key])
+            for other in (b, c):
+                assert abs(a[key] - other[key]) <= 1e-3 * abs(a[key]), (a["step"], key, a[key], other[key])
 
 
 @pytest.mark.slow

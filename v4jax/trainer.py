@@ -33,13 +33,18 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "TPU 
 
 
 def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when this process is one of several (cluster env vars)."""
+    """``jax.distributed.initialize()`` when this process is one of several: under SLURM, Open MPI or a
+    TPU pod (JAX detects the rest), or with ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` set by hand."""
     env = os.environ
     multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
              or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 or int(env.get("JAX_NUM_PROCESSES", "1")) > 1
              or len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1)
     if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        kw = {k: int(env[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+              if v in env}
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need it; others ignore it
+        jax.distributed.initialize(**kw)
 
 
 def _peak_flops(tcfg) -> float | None:
