@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -58,14 +59,24 @@ def _peak_flops(tcfg) -> float | None:
 
 
 class _Stop:
-    """SIGTERM / SIGINT -> finish the current step, save, exit."""
+    """SIGTERM / SIGINT -> finish the current step, save, exit. With several processes, JAX's preemption
+    notifier keeps SIGTERM and the processes agree on a step at which all of them save and stop
+    (``reached_preemption_sync_point``), whichever of them received it; SIGINT is left alone there."""
 
     def __init__(self):
         self.requested = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.several = jax.process_count() > 1
+        signals = () if self.several else (signal.SIGTERM, signal.SIGINT)
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def now(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (every process gets the same answer)."""
+        if self.several:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def restore(self):
         for s, h in self._old.items():
@@ -181,7 +192,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
             step += 1
             steps_since += 1
             bar.update(1)
-            stopping = stop.requested  # read once: a signal may arrive while this step is logged
+            stopping = stop.now(step)  # read once: a signal may arrive while this step is logged
             last = step == tcfg.steps or stopping
             if step % tcfg.log_every == 0 or last:
                 metrics = jax.device_get(metrics)
