@@ -44,10 +44,19 @@ class TrainCheckpointer:
 
     def restore(self, step: int, abstract_state, data_iter):
         """Restore ``state`` onto the shapes / dtypes / shardings of ``abstract_state``; the data
-        iterator is restored in place."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=data_lib.restore_args(data_iter))
-        return self.manager.restore(step, args=args)["state"]
+        iterator is restored in place, also when the checkpoint was written by another number of
+        processes (every process's saved position is the same global batch index)."""
+        state = ocp.args.StandardRestore(abstract_state)
+        data_dir = self.directory / str(step) / "data"
+        if (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").is_file():
+            args = ocp.args.Composite(state=state, data=data_lib.restore_args(data_iter))
+            return self.manager.restore(step, args=args)["state"]
+        saved = {f.name: json.loads(f.read_text()) for f in sorted(data_dir.glob("process_*-of-*.json"))}
+        if not saved or any(v != next(iter(saved.values())) for v in saved.values()):
+            raise ConfigError(f"{data_dir}: no data-iterator position to restore, or the processes' "
+                              f"differ: {saved}")
+        data_iter.set_state(next(iter(saved.values())))
+        return self.manager.restore(step, args=ocp.args.Composite(state=state))["state"]
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
