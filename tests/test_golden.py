@@ -3,16 +3,15 @@
 exact: compare.py must pass (prefill, decode, MTP), with the plain-JAX attention and experts and with
 the Pallas kernels (attention and grouped matmul, interpret mode) on the released FP8/FP4 layout.
 
-qat: the QAT forward rounds activations to FP8/FP4 grids, so an element whose value lies within
-float32 noise (~4e-7 relative) of a rounding midpoint can round differently here and in the
-reference; from that position on the two trajectories separate (errors jump from ~1e-7 to ~1e-2).
-This is inherent to comparing two independent fp32 implementations of QAT, and is reported by
-compare.py. Example, found by instrumenting the fake quantisers: row 1 of the golden data diverges
-at position 46 because one element of layer 1's attention input, scaled, is 41.99998 — 3 float32
-ulps below the e4m3 midpoint 42 between 40 and 44 — which rounds down here and up in the
-reference; nudging that one element across the midpoint makes the rest of the row agree to 3e-7. What the test asserts is what identifies correct QAT semantics: every position before a
-row's first divergence agrees to 1e-5 (a missing or wrong quantiser breaks agreement from the first
-positions where it acts), the first divergence comes late, and compare.py's median criterion holds.
+qat: the QAT forward rounds activations to FP8/FP4 grids. A value that this implementation and the
+reference compute a few float32 ulps apart can lie on either side of a rounding midpoint; from the
+position where the two round it differently their trajectories separate (errors jump from ~3e-7 to
+~1e-2). Where that happens depends on the float32 operation order of both, the CPU type included
+(on one machine the first such position was 46, on another 16), so compare.py's qat verdict on
+``eval.py logits`` is printed, not asserted. What is asserted identifies the QAT semantics exactly:
+positions before a row's first disagreement agree to 1e-5, and once the near-ties found at each
+first disagreement (values within 1e-5 relative of a midpoint) are rounded the reference's way,
+every position agrees to 1e-5 and compare.py passes (``qat_ties``).
 """
 import json
 import subprocess
@@ -70,17 +69,37 @@ def test_golden_exact_split_over_a_device_mesh(golden, tmp_path):
 
 
 @pytest.mark.slow
-def test_golden_qat(golden, tmp_path):
+def test_golden_qat_through_eval_py(golden, tmp_path):
     ref, got = _eval(golden, tmp_path, "qat")
-    rc, out = _compare(golden, tmp_path / "qat.npz", "qat")
-    for key, min_prefix in [("prefill_logits", 24), ("mtp_logits", 16)]:
-        e = _rel(got[key], ref[key])
-        for row in e:
-            bad = np.nonzero(row > 1e-3)[0]
-            first = bad[0] if len(bad) else len(row)
-            assert first >= min_prefix, f"{key}: diverges at position {first}"
-            assert row[:first].max() <= 1e-5, f"{key}: prefix error {row[:first].max():.2e}"
-    assert np.median(_rel(got["prefill_logits"], ref["prefill_logits"])) <= 1e-3
+    _compare(golden, tmp_path / "qat.npz", "qat")  # printed: its verdict depends on near-ties (above)
+    for key in ("prefill_logits", "mtp_logits"):
+        for row in _rel(got[key], ref[key]):
+            first = int(np.argmax(row > 1e-3)) if (row > 1e-3).any() else len(row)
+            assert first > 0 and row[:first].max() <= 1e-5, f"{key}: prefix error {row[:first].max():.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", [{}, dict(attention_impl="pallas", moe_impl="pallas", layout="released")],
+                         ids=["xla", "pallas-released"])
+def test_golden_qat_exact_up_to_rounding_ties(golden, tmp_path, impl):
+    from qat_ties import resolve
+    from v4jax.evaluate import load_any
+
+    ref = np.load(golden / "tiny" / "reference_qat.npz")
+    case = json.loads((golden / "tiny" / "case.json").read_text())
+    S = case["prefill_len"]
+    model = load_any(golden / "tiny" / "checkpoint", mode="qat", progress=False, **impl)
+    flips, prefill, mtp = resolve(model, ref["tokens"][:, :S + 1], ref["prefill_logits"], ref["mtp_logits"])
+    print(f"\n{len(flips)} near-ties rounded the reference's way:")
+    for f in flips:
+        print(f"  row {f.b} position {f.pos}: {f.grid} {f.value:.8g} -> {f.rounded:g} "
+              f"({f.distance:.1e} from the midpoint, {len(f.calls)} quantiser input(s))")
+    assert all(f.distance <= 1e-5 for f in flips)
+    np.savez(tmp_path / "resolved.npz", prefill_logits=prefill, mtp_logits=mtp)
+    rc, out = _compare(golden, tmp_path / "resolved.npz", "qat")
+    assert rc == 0, out
+    for key, got in (("prefill_logits", prefill), ("mtp_logits", mtp)):
+        assert _rel(got, ref[key]).max() <= 1e-5, key
 
 
 @pytest.mark.slow

@@ -115,3 +115,31 @@ def test_fp4_activation_codes_round_trip():
             s = 2.0 ** np.ceil(np.log2(np.maximum(np.abs(blk).max(-1), 6 * 2.0 ** -126) / 6))[:, None]
             want = (np.clip(blk / s, -6, 6).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s)
             np.testing.assert_array_equal(got[:, b * 32:(b + 1) * 32], want)
+
+
+def test_rounding_hook_sees_each_rounding_and_can_change_it():
+    """quant.rounding_hook (the golden qat tie analysis): the hook gets the scaled values and their
+    rounding; returning q unchanged changes nothing, a replaced grid value is used, and outside the
+    context no hook runs."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 200)).astype(np.float32))
+    seen = []
+
+    def record(grid, v, q, rows):
+        seen.append((grid, v.shape, rows))
+        dtype = ml_dtypes.float8_e4m3fn if grid == "e4m3" else ml_dtypes.float4_e2m1fn
+        np.testing.assert_array_equal(np.asarray(q), np.asarray(v).astype(dtype).astype(np.float32))
+        return q
+
+    with quant.rounding_hook(record):
+        a8, a4 = quant.fake_quant_fp8(x, 128, rows=jnp.arange(3)), quant.fake_quant_fp4(x, 32)
+    assert [(g, s) for g, s, _ in seen] == [("e4m3", (3, 2, 128)), ("e2m1", (3, 7, 32))]
+    assert seen[0][2] is not None and seen[1][2] is None
+    np.testing.assert_array_equal(np.asarray(a8), np.asarray(quant.fake_quant_fp8(x, 128)))
+    np.testing.assert_array_equal(np.asarray(a4), np.asarray(quant.fake_quant_fp4(x, 32)))
+    assert len(seen) == 2
+
+    with quant.rounding_hook(lambda grid, v, q, rows: q.at[0, 0, 0].set(448.0)):
+        b = quant.fake_quant_fp8(x, 128)
+    s = 2.0 ** np.ceil(np.log2(np.abs(np.asarray(x[0, :128])).max() / 448.0))
+    assert float(b[0, 0]) == 448.0 * s
+    np.testing.assert_array_equal(np.asarray(b)[:, 1:], np.asarray(a8)[:, 1:])

@@ -13,6 +13,9 @@ on-the-fly dequantisation, QAT) alike; the array namespace is taken from the inp
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -136,6 +139,40 @@ def quant_fp4(w):
 
 # ----------------------------------------------------------------------------- QAT fake quantisation
 
+_ROUNDING_HOOK = contextvars.ContextVar("v4jax_rounding_hook", default=None)
+
+
+@contextlib.contextmanager
+def rounding_hook(fn):
+    """Intercept the activation quantisers' rounding in functions traced inside this context.
+
+    Every activation quantiser (``quant_fp8_act`` and so ``fake_quant_fp8``, ``fake_quant_fp4``,
+    ``quant_fp4_act``) then calls ``fn(grid, v, q, rows)`` and rounds to what it returns: ``grid`` is
+    ``"e4m3"`` or ``"e2m1"``, ``v`` the scaled and clipped fp32 values ``[..., blocks, block]``, ``q``
+    their rounding (fp32 grid values, same shape), ``rows`` None or, where the leading rows are not
+    the tokens in order (the routed experts' hidden rows: one per token and expert slot, grouped by
+    expert), the token index of each row. ``fn`` must return grid values of ``q``'s shape. A
+    debugging aid, not used by the model itself: it lets a comparison with another implementation
+    of QAT find values next to a rounding midpoint and round them the other's way
+    (``tests/qat_ties.py``).
+    """
+    token = _ROUNDING_HOOK.set(fn)
+    try:
+        yield fn
+    finally:
+        _ROUNDING_HOOK.reset(token)
+
+
+def _round(v, grid: str, rows=None):
+    """fp32 values on the grid's range -> the grid's dtype (round to nearest even), through the hook."""
+    dtype = jnp.float8_e4m3fn if grid == "e4m3" else jnp.float4_e2m1fn
+    q = v.astype(dtype)
+    hook = _ROUNDING_HOOK.get()
+    if hook is not None:
+        q = hook(grid, v, q.astype(jnp.float32), rows).astype(dtype)
+    return q
+
+
 def _blocked(x, block: int):
     """[..., d] -> fp32 [..., ceil(d/block), block] (a partial last block is zero-padded) and a restore fn."""
     d = x.shape[-1]
@@ -146,16 +183,17 @@ def _blocked(x, block: int):
     return xf.reshape(*x.shape[:-1], n, block), lambda q: q.reshape(*x.shape[:-1], n * block)[..., :d].astype(x.dtype)
 
 
-def quant_fp8_act(x, block: int = 128):
+def quant_fp8_act(x, block: int = 128, rows=None):
     """Per-token blockwise FP8 e4m3 quantisation along the last axis (SPEC §5a/b), stored form.
 
     ``x [..., d]`` -> (codes float8_e4m3fn ``[..., d]``, exponents int8 ``[..., ceil(d/block)]``) with
     ``s = 2^e = 2^ceil(log2(max(amax, 1e-4) / 448))`` per block and codes ``e4m3(clip(x / s, ±448))``.
+    ``rows``: only for ``rounding_hook``.
     """
     xf, _ = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     e = _pow2_scale_exponent(amax, FP8_MAX, 1e-4)  # in [-22, 120] for finite x: fits an int8
-    codes = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    codes = _round(jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP8_MAX, FP8_MAX), "e4m3", rows)
     d = x.shape[-1]
     return codes.reshape(*x.shape[:-1], codes.shape[-2] * block)[..., :d], e[..., 0].astype(jnp.int8)
 
@@ -167,12 +205,13 @@ def dequant_fp8_act(codes, exponents, block: int = 128, dtype=jnp.float32):
     return (codes.astype(jnp.float32) * s).astype(dtype)
 
 
-def fake_quant_fp8(x, block: int = 128):
+def fake_quant_fp8(x, block: int = 128, rows=None):
     """Per-token blockwise FP8 e4m3 fake quantisation along the last axis (SPEC §5a/b).
 
     s = 2^ceil(log2(max(amax, 1e-4) / 448)),  x̂ = e4m3(clip(x / s, ±448)) · s.  Returns x's dtype.
+    ``rows``: only for ``rounding_hook``.
     """
-    return dequant_fp8_act(*quant_fp8_act(x, block), block, x.dtype)
+    return dequant_fp8_act(*quant_fp8_act(x, block, rows), block, x.dtype)
 
 
 def quant_fp4_act(x, block: int = 32):
@@ -187,8 +226,7 @@ def quant_fp4_act(x, block: int = 32):
     xf, _ = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     e = _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126)  # in [-126, 126]: fits an int8
-    v = jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP4_MAX, FP4_MAX)
-    v = v.astype(jnp.float4_e2m1fn).astype(jnp.float32)
+    v = _round(jnp.clip(xf / jnp.ldexp(jnp.float32(1.0), e), -FP4_MAX, FP4_MAX), "e2m1").astype(jnp.float32)
     idx = jnp.argmax(jnp.abs(v)[..., None] == jnp.asarray(FP4_VALUES[:8]), axis=-1)
     codes = (idx + 8 * jnp.signbit(v)).astype(jnp.uint8).reshape(*x.shape[:-1], v.shape[-2] * block // 2, 2)
     return codes[..., 0] | (codes[..., 1] << 4), e[..., 0].astype(jnp.int8)
@@ -202,7 +240,7 @@ def fake_quant_fp4(x, block: int = 32):
     xf, restore = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126))
-    return restore(jnp.clip(xf / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn).astype(jnp.float32) * s)
+    return restore(_round(jnp.clip(xf / s, -FP4_MAX, FP4_MAX), "e2m1").astype(jnp.float32) * s)
 
 
 def straight_through(w, quantize):

@@ -183,7 +183,7 @@ class Experts(nnx.Module):
         h = swiglu(mm(xs, w1), mm(xs, w3), self.limit)
         h = (h * jnp.where(here, w.reshape(-1), 0.0)[:, None]).astype(dt)
         if self.numerics.qat:
-            h = quant.fake_quant_fp8(h, 128)
+            h = quant.fake_quant_fp8(h, 128, rows=jnp.arange(T * k) // k)
         return jnp.sum(mm(h, w2).reshape(T, k, -1), axis=1)
 
     def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int):
@@ -208,7 +208,7 @@ class Experts(nnx.Module):
         h = swiglu(grouped(xs, w1), grouped(xs, w3), self.limit)
         h = (h * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)
         if self.numerics.qat:
-            h = quant.fake_quant_fp8(h, 128)
+            h = quant.fake_quant_fp8(h, 128, rows=order // k)
         ys = grouped(h, w2)
         # back to (token, slot) order: a gather by the inverse permutation (unique indices), whose
         # gradient is a plain scatter; differentiating a scatter instead costs index bookkeeping
