@@ -6,6 +6,7 @@
   perplexity  nats/token and bits/byte of text / JSONL / token files, scored in windows
   bench       prefill / decode latency and throughput, peak memory, KV-cache bytes per token
   needle      pass-key retrieval accuracy over context lengths x needle depths
+  qat-ties    explain a qat disagreement with another implementation's logits by rounding near-ties
 
 --checkpoint accepts an HF checkpoint directory or an orbax-form one (with v4jax.json).
 
@@ -341,6 +342,86 @@ def cmd_needle(args):
                                 "samples": r.samples})
 
 
+# ------------------------------------------------------------------------------------------- qat-ties
+
+def _reference(path, vocab: int) -> dict:
+    """A reference .npz as ``eval.py logits`` writes it -> {tokens, prefill_logits[, mtp_logits]}."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: --reference file not found: {p}")
+    try:
+        with np.load(p) as z:
+            ref = {k: z[k] for k in ("tokens", "prefill_logits", "mtp_logits") if k in z.files}
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --reference {p} is not an .npz file ({e})")
+    for k in ("tokens", "prefill_logits"):
+        if k not in ref:
+            raise SystemExit(f"error: --reference {p} has no {k!r} array (eval.py logits writes tokens, "
+                             f"prefill_logits, mtp_logits)")
+    t, lg = ref["tokens"], ref["prefill_logits"]
+    if lg.ndim != 3 or lg.shape[-1] != vocab or t.ndim != 2 or t.shape[0] != lg.shape[0]:
+        raise SystemExit(f"error: --reference: prefill_logits {list(lg.shape)} and tokens {list(t.shape)} do "
+                         f"not fit the model: want [B, S, {vocab}] and [B, >=S+1]")
+    if t.shape[1] < lg.shape[1] + ("mtp_logits" in ref):
+        raise SystemExit(f"error: --reference: tokens has {t.shape[1]} columns, the prefill {lg.shape[1]} "
+                         f"needs {lg.shape[1] + 1}")
+    if "mtp_logits" in ref and ref["mtp_logits"].shape != lg.shape:
+        raise SystemExit(f"error: --reference: mtp_logits {list(ref['mtp_logits'].shape)} != prefill_logits "
+                         f"{list(lg.shape)}")
+    return ref
+
+
+def _agreement(name, got, ref) -> str:
+    from v4jax.qat_ties import rel_errors
+
+    e = rel_errors(got, ref)
+    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    return f"{name}: median={np.median(e):.3e} max={e.max():.3e} argmax_agree={agree:.4f}"
+
+
+def cmd_qat_ties(args):
+    from v4jax import qat_ties
+
+    model = _load_model(args)
+    ref = _reference(args.reference, model.cfg.vocab_size)
+    ref_mtp = ref.get("mtp_logits") if len(model.mtp) else None
+    if "mtp_logits" in ref and ref_mtp is None:
+        print("note: the model has no MTP block; mtp_logits is not compared")
+    keys = ["prefill_logits"] + (["mtp_logits"] if ref_mtp is not None else [])
+    B, S = ref["prefill_logits"].shape[:2]
+    print(f"reference {args.reference}: {B} rows x {S} positions ({', '.join(keys)})")
+
+    shown = []
+
+    def report(first, ties, prefill, mtp):
+        if not shown:  # the first call: the logits as computed
+            shown.append(True)
+            for k, got in zip(keys, (prefill, mtp)):
+                print("as computed, " + _agreement(k, got, ref[k]))
+        if not args.quiet:
+            print(f"first disagreement (> {args.tol:g}) per row: {first} after {len(ties)} near-ties")
+
+    try:
+        ties, prefill, mtp = qat_ties.resolve(model, ref["tokens"], ref["prefill_logits"], ref_mtp,
+                                              delta=args.delta, tol=args.tol, max_ties=args.max_ties,
+                                              report=report)
+    except qat_ties.Unexplained as e:
+        raise SystemExit(f"error: not explained by rounding near-ties: {e}")
+    print(f"{len(ties)} near-ties rounded the reference's way:")
+    for t in sorted(ties, key=lambda t: (t.b, t.pos)):
+        print(f"  row {t.b} position {t.pos}: {t.grid} {t.value:.8g} -> {t.rounded:g} "
+              f"({t.distance:.1e} from the midpoint, {len(t.calls)} quantiser input(s))")
+    for k, got in zip(keys, (prefill, mtp)):
+        print("with them, " + _agreement(k, got, ref[k]))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp.npz")
+        np.savez(tmp, tokens=ref["tokens"], **dict(zip(keys, (prefill, mtp))))
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+
+
 def _model_flags(p, *, layout_default="float"):
     src = p.add_argument_group("model (one of)")
     src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
@@ -418,6 +499,30 @@ def _add_commands(sub):
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
     p.add_argument("--json", help="also write the table and every answer to this JSON file")
     p.set_defaults(func=cmd_needle)
+
+    p = sub.add_parser("qat-ties", help="explain a qat disagreement with a reference by rounding near-ties",
+                       description="Runs the qat prefill (and MTP) forward on the reference's tokens. At each "
+                       "row's first position that disagrees with the reference it rounds a value within "
+                       "--delta of an FP8 / FP4 rounding midpoint the other way (two float32 implementations "
+                       "round such values differently), until every position agrees within --tol. Fails "
+                       "(exit 1) when a disagreement has no such value: then it is not a rounding near-tie.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory: HF or orbax form")
+    p.add_argument("--reference", required=True,
+                   help=".npz with tokens, prefill_logits and mtp_logits, as eval.py logits --mode qat writes them")
+    p.add_argument("--layout", choices=["float", "released"], default="float",
+                   help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
+    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
+                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
+    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
+                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    p.add_argument("--delta", type=float, default=1e-5,
+                   help="largest relative distance from a rounding midpoint counted as a near-tie (default 1e-5)")
+    p.add_argument("--tol", type=float, default=1e-5,
+                   help="relative L2 error per position counted as agreement (default 1e-5)")
+    p.add_argument("--max-ties", type=int, default=40, help="give up after this many near-ties (default 40)")
+    p.add_argument("--out", help="also write the logits with the near-ties rounded the reference's way")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_qat_ties, config=None, mode="qat", kv_cache="auto", seed=0, mesh=None)
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ position where the two round it differently their trajectories separate (errors 
 ``eval.py logits`` is printed, not asserted. What is asserted identifies the QAT semantics exactly:
 positions before a row's first disagreement agree to 1e-5, and once the near-ties found at each
 first disagreement (values within 1e-5 relative of a midpoint) are rounded the reference's way,
-every position agrees to 1e-5 and compare.py passes (``qat_ties``).
+every position agrees to 1e-5 and compare.py passes (``eval.py qat-ties``, ``v4jax/qat_ties.py``).
 """
 import json
 import subprocess
@@ -79,27 +79,33 @@ def test_golden_qat_through_eval_py(golden, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", [{}, dict(attention_impl="pallas", moe_impl="pallas", layout="released")],
+@pytest.mark.parametrize("extra", [[], ["--attention-impl", "pallas", "--moe-impl", "pallas", "--layout", "released"]],
                          ids=["xla", "pallas-released"])
-def test_golden_qat_exact_up_to_rounding_ties(golden, tmp_path, impl):
-    from qat_ties import resolve
-    from v4jax.evaluate import load_any
+def test_golden_qat_exact_up_to_rounding_near_ties(golden, tmp_path, extra):
+    """eval.py qat-ties: with the near-ties at each first disagreement rounded the reference's way
+    (each within 1e-5 of a midpoint), every position agrees to 1e-5 and compare.py passes."""
+    out = tmp_path / "resolved.npz"
+    p = subprocess.run([sys.executable, str(REPO / "eval.py"), "qat-ties", "--checkpoint",
+                        str(golden / "tiny" / "checkpoint"), "--reference", str(golden / "tiny" / "reference_qat.npz"),
+                        "--out", str(out), "--quiet", *extra], capture_output=True, text=True, cwd=tmp_path)
+    print(p.stdout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    rc, report = _compare(golden, out, "qat")
+    assert rc == 0, report
+    ref, got = np.load(golden / "tiny" / "reference_qat.npz"), np.load(out)
+    for key in ("prefill_logits", "mtp_logits"):
+        assert _rel(got[key], ref[key]).max() <= 1e-5, key
 
-    ref = np.load(golden / "tiny" / "reference_qat.npz")
-    case = json.loads((golden / "tiny" / "case.json").read_text())
-    S = case["prefill_len"]
-    model = load_any(golden / "tiny" / "checkpoint", mode="qat", progress=False, **impl)
-    flips, prefill, mtp = resolve(model, ref["tokens"][:, :S + 1], ref["prefill_logits"], ref["mtp_logits"])
-    print(f"\n{len(flips)} near-ties rounded the reference's way:")
-    for f in flips:
-        print(f"  row {f.b} position {f.pos}: {f.grid} {f.value:.8g} -> {f.rounded:g} "
-              f"({f.distance:.1e} from the midpoint, {len(f.calls)} quantiser input(s))")
-    assert all(f.distance <= 1e-5 for f in flips)
-    np.savez(tmp_path / "resolved.npz", prefill_logits=prefill, mtp_logits=mtp)
-    rc, out = _compare(golden, tmp_path / "resolved.npz", "qat")
-    assert rc == 0, out
-    for key, got in (("prefill_logits", prefill), ("mtp_logits", mtp)):
-        assert _rel(got, ref[key]).max() <= 1e-5, key
+
+def test_qat_ties_fails_on_a_disagreement_that_is_not_a_near_tie(golden, tmp_path):
+    """The exact-mode reference differs from qat everywhere (no activation is quantised): not
+    explained by near-ties, exit status 1 with the reason; and a missing --reference is named."""
+    cmd = [sys.executable, str(REPO / "eval.py"), "qat-ties", "--checkpoint", str(golden / "tiny" / "checkpoint"),
+           "--quiet", "--reference"]
+    p = subprocess.run(cmd + [str(golden / "tiny" / "reference_exact.npz")], capture_output=True, text=True)
+    assert p.returncode == 1 and "not explained by rounding near-ties: row" in p.stderr and "disagrees from position 0 on" in p.stderr, p.stderr
+    p = subprocess.run(cmd + [str(tmp_path / "nope.npz")], capture_output=True, text=True)
+    assert p.returncode == 1 and "--reference file not found" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
