@@ -107,6 +107,15 @@ def _write_json(path, obj):
     os.replace(tmp, p)
 
 
+def _write_npz(path, **arrays):
+    """An .npz written atomically (a temporary file renamed into place)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, p)
+
+
 def _tokens(args, vocab: int) -> np.ndarray:
     need = args.prefill + max(args.decode, 1)
     if args.tokens is None:
@@ -139,14 +148,10 @@ def cmd_logits(args):
         out = dump_logits(engine, tokens, args.prefill, args.decode, progress=not args.quiet)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.npz")
-    np.savez(tmp, tokens=tokens, **out)
-    os.replace(tmp, out_path)
+    _write_npz(args.out, tokens=tokens, **out)
     for k, v in out.items():
         print(f"{k}: {list(v.shape)} float32")
-    print(f"wrote {out_path} ({time.time() - t0:.1f}s)")
+    print(f"wrote {args.out} ({time.time() - t0:.1f}s)")
 
 
 # ------------------------------------------------------------------------------------------- generate
@@ -414,12 +419,17 @@ def cmd_qat_ties(args):
     for k, got in zip(keys, (prefill, mtp)):
         print("with them, " + _agreement(k, got, ref[k]))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp.npz")
-        np.savez(tmp, tokens=ref["tokens"], **dict(zip(keys, (prefill, mtp))))
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        _write_npz(args.out, tokens=ref["tokens"], **dict(zip(keys, (prefill, mtp))))
+        print(f"wrote {args.out}")
+
+
+def _impl_flags(p, layout_default="float"):
+    p.add_argument("--layout", choices=["float", "released"], default=layout_default,
+                   help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
+    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
+                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
+    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
+                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
 
 
 def _model_flags(p, *, layout_default="float"):
@@ -427,12 +437,7 @@ def _model_flags(p, *, layout_default="float"):
     src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
     src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
     p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
-    p.add_argument("--layout", choices=["float", "released"], default=layout_default,
-                   help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
-    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
-                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
-    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
-                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    _impl_flags(p, layout_default)
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
@@ -509,12 +514,7 @@ def _add_commands(sub):
     p.add_argument("--checkpoint", required=True, help="checkpoint directory: HF or orbax form")
     p.add_argument("--reference", required=True,
                    help=".npz with tokens, prefill_logits and mtp_logits, as eval.py logits --mode qat writes them")
-    p.add_argument("--layout", choices=["float", "released"], default="float",
-                   help="float: dequantise weights; released: keep FP8/FP4 and dequantise on use")
-    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
-                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
-    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
-                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    _impl_flags(p)
     p.add_argument("--delta", type=float, default=1e-5,
                    help="largest relative distance from a rounding midpoint counted as a near-tie (default 1e-5)")
     p.add_argument("--tol", type=float, default=1e-5,
@@ -537,12 +537,7 @@ def main(argv=None):
     p.add_argument("--prefill", type=int, required=True, help="N: prefill length")
     p.add_argument("--decode", type=int, default=0, help="M: decode steps after the prefill (default 0)")
     p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
-    p.add_argument("--layout", choices=["float", "released"], default="float",
-                   help="float: dequantise weights to fp32; released: keep FP8/FP4 and dequantise on use")
-    p.add_argument("--attention-impl", choices=["xla", "pallas"], default=None,
-                   help="attention math: plain-JAX reference or Pallas kernels (default: the config's)")
-    p.add_argument("--moe-impl", choices=["xla", "pallas"], default=None,
-                   help="routed experts: ragged_dot or the Pallas grouped matmul (default: the config's)")
+    _impl_flags(p)
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--out", required=True, help="output .npz")
