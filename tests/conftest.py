@@ -1,6 +1,7 @@
 """Shared fixtures: golden data location, small configs, random checkpoints in the released layout."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -17,6 +18,14 @@ from v4jax.hf.names import expected_tensors
 from v4jax.hf.safetensors import INDEX_FILE, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def eval_cli():
+    """``eval.py`` imported as a module (its helpers are tested directly)."""
+    spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 # One persistent XLA compilation cache for the run, shared by the xdist workers and by the
 # train.py / eval.py subprocesses that tests start (they inherit the variable): a program that

@@ -3,7 +3,6 @@ eval.py logits from the orbax form, float export quantised per SPEC §4, trainin
 and the errors a user meets (wrong directory, missing shard, mismatched config, non-empty output,
 full disk)."""
 import errno
-import importlib.util
 import json
 import shutil
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import REPO, small_config, write_random_checkpoint
+from conftest import REPO, eval_cli, small_config, write_random_checkpoint
 from v4jax.hf import convert
 from v4jax.hf.checkpoint import load_model
 from v4jax.hf.convert import ConversionError
@@ -35,12 +34,6 @@ VARIANTS = {
                       compress_ratios=[0, 4, 4, 0, 4], hc_mult=4, index_topk=2),
 }
 
-
-def _eval_cli():
-    spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _assert_same_tensors(path, tensors):
@@ -117,7 +110,7 @@ def test_eval_logits_from_orbax_equal_hf(tmp_path):
     cfg = small_config(num_hidden_layers=2, compress_ratios=[4, 8, 0])
     write_random_checkpoint(tmp_path / "hf", cfg, seed=1)
     convert.hf_to_orbax(tmp_path / "hf", tmp_path / "orbax", progress=False)
-    ev = _eval_cli()
+    ev = eval_cli()
     outs = {}
     for name in ("hf", "orbax"):
         outs[name] = tmp_path / f"{name}.npz"

@@ -4,7 +4,6 @@ A random small checkpoint (vocab 2048 = the shipped tiny tokenizer) is written o
 compiled for the API-level tests and a persistent compilation cache lets CLI runs of the same
 shapes skip XLA compilation.
 """
-import importlib.util
 import json
 import math
 import shutil
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, small_config, write_random_checkpoint
+from conftest import REPO, eval_cli, small_config, write_random_checkpoint
 from v4jax import chat
 from v4jax.evaluate import Scorer, needle_prompt, perplexity, score_documents, score_windows
 from v4jax.generate import Engine, generate, sample_logits
@@ -44,12 +43,6 @@ def engine(ckpt):
 def tok():
     return load_tokenizer()
 
-
-def _eval_cli():
-    spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _ids(tok, text):
@@ -137,7 +130,7 @@ def test_generate_stops_on_eos(engine):
 
 
 def test_cli_generate_chat_streams_and_writes_json(ckpt, tok, tmp_path, capsys):
-    ev = _eval_cli()
+    ev = eval_cli()
     out = tmp_path / "gen.json"
     ev.main(["generate", "--checkpoint", str(ckpt), "--prompt", "Hi there", "--system", "Be brief.",
              "--max-new-tokens", "5", "--max-len", str(MAX_LEN), "--json", str(out), "--quiet"])
@@ -172,7 +165,7 @@ def test_cli_perplexity_matches_logits(ckpt, tmp_path, capsys):
     np.save(tmp_path / "doc.npy", x)
     rows = np.stack([x[0:L + 1], x[L:2 * L + 1]])            # the two disjoint windows of seq-len L
     np.save(tmp_path / "rows.npy", rows)
-    ev = _eval_cli()
+    ev = eval_cli()
     ev.main(["logits", "--checkpoint", str(ckpt), "--tokens", str(tmp_path / "rows.npy"), "--prefill", str(L),
              "--out", str(tmp_path / "l.npz"), "--quiet"])
     logits = np.load(tmp_path / "l.npz")["prefill_logits"].astype(np.float64)
@@ -247,7 +240,7 @@ def test_loading_onto_a_device_mesh_splits_the_weights(ckpt, layout):
 
 
 def test_cli_bad_mesh_flag_names_the_problem(ckpt):
-    ev = _eval_cli()
+    ev = eval_cli()
     for spec, msg in (("experts=2", "unknown axis 'experts'"), ("expert:2", "not AXIS=SIZE"),
                       ("expert=3", "devices")):
         with pytest.raises(SystemExit, match=msg):
@@ -256,11 +249,11 @@ def test_cli_bad_mesh_flag_names_the_problem(ckpt):
 
 def test_cli_bad_prefill_chunk_names_the_rule(ckpt):
     with pytest.raises(SystemExit, match="--prefill-chunk: prefill_chunk must be a positive multiple of"):
-        _eval_cli().main(["bench", "--checkpoint", str(ckpt), "--prefill-chunk", "3", "--quiet"])
+        eval_cli().main(["bench", "--checkpoint", str(ckpt), "--prefill-chunk", "3", "--quiet"])
 
 
 def test_cli_fp8_kv_cache_refuses_exact_mode(ckpt, tmp_path):
-    ev = _eval_cli()
+    ev = eval_cli()
     for cmd in (["logits", "--prefill", "4", "--out", str(tmp_path / "x.npz")], ["bench"]):
         with pytest.raises(SystemExit, match="--kv-cache fp8 .* --mode exact"):
             ev.main(cmd + ["--checkpoint", str(ckpt), "--kv-cache", "fp8", "--quiet"])
@@ -269,7 +262,7 @@ def test_cli_fp8_kv_cache_refuses_exact_mode(ckpt, tmp_path):
 # ------------------------------------------------------------------------------------------- bench / needle
 
 def test_cli_bench_prints_table(ckpt, tmp_path, capsys):
-    ev = _eval_cli()
+    ev = eval_cli()
     ev.main(["bench", "--checkpoint", str(ckpt), "--batch", "2", "--prompt-len", "16", "--decode-steps",
              str(MAX_LEN - 17), "--iters", "2", "--context", "4096", "--json", str(tmp_path / "b.json"), "--quiet"])
     out = capsys.readouterr().out
@@ -300,7 +293,7 @@ def test_needle_prompt_places_the_key(tok):
 
 
 def test_cli_needle_prints_accuracy_table(ckpt, tmp_path, capsys):
-    ev = _eval_cli()
+    ev = eval_cli()
     # lengths + 13 answer tokens fit MAX_LEN; both prefill 64 tokens (compiled once)
     ev.main(["needle", "--checkpoint", str(ckpt), "--lengths", "96,115", "--depths", "0,1", "--trials", "1",
              "--batch", "2", "--json", str(tmp_path / "n.json"), "--quiet"])
