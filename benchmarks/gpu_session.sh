@@ -23,12 +23,12 @@ smoke=()
 [[ -n "${SMOKE:-}" ]] && smoke=(--smoke)
 
 if [[ $stage == wheels ]]; then
-  # grain and the dependencies of it that a JAX + flax image does not have; no jax/jaxlib (the
+  # grain and the dependencies of it, tokenizers, tensorboardX and pytest, which a JAX + flax image may lack; no jax/jaxlib (the
   # device has its own). PYVER: the device's Python, e.g. 3.12 (stage env prints it).
   pyver=${2:?"give the device's Python version, e.g. 3.12"}
   python3 -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version "$pyver" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    grain array-record portpicker cloudpickle etils tokenizers tensorboardX
+    grain array-record portpicker cloudpickle etils tokenizers tensorboardX pytest pluggy iniconfig
   du -sh .whl
   exit
 fi
@@ -37,7 +37,8 @@ fi
   echo "== $stage  $(date -u +%FT%TZ)"
   if [[ -d .whl ]]; then  # only what the image lacks, offline, without touching what it has
     for pair in grain:grain array_record:array_record portpicker:portpicker cloudpickle:cloudpickle \
-                etils:etils tokenizers:tokenizers tensorboardx:tensorboardX; do
+                etils:etils tokenizers:tokenizers tensorboardx:tensorboardX pytest:pytest pluggy:pluggy \
+                iniconfig:iniconfig; do
       python -c "import ${pair#*:}" 2>/dev/null ||
         python -m pip install -q --no-index --no-deps .whl/"${pair%%:*}"-*.whl 2>&1 | tail -2
     done
