@@ -168,7 +168,8 @@ class Resolver:
                 x = vals[r, c]
                 here = np.float32(x.astype(dtype))
                 other = float(hi[r, c] if here == lo[r, c] else lo[r, c])
-                tie = found.setdefault((grid, float(x), c), Tie(b, pos, grid, float(x), other, float(dist[r, c]), ()))
+                key = (grid, float(x), int(r), int(c))
+                tie = found.setdefault(key, Tie(b, pos, grid, float(x), other, float(dist[r, c]), ()))
                 tie.calls += ((call, int(sel[r] * vals.shape[1] + c)),)
         return sorted(found.values(), key=lambda t: t.distance)
 
