@@ -367,6 +367,9 @@ def _reference(path, vocab: int) -> dict:
     if lg.ndim != 3 or lg.shape[-1] != vocab or t.ndim != 2 or t.shape[0] != lg.shape[0]:
         raise SystemExit(f"error: --reference: prefill_logits {list(lg.shape)} and tokens {list(t.shape)} do "
                          f"not fit the model: want [B, S, {vocab}] and [B, >=S+1]")
+    if not np.issubdtype(t.dtype, np.integer) or (t.size and (t.min() < 0 or t.max() >= vocab)):
+        raise SystemExit(f"error: --reference: tokens must be integer ids in [0, {vocab}), got {t.dtype} "
+                         f"in [{t.min()}, {t.max()}]")
     if t.shape[1] < lg.shape[1] + ("mtp_logits" in ref):
         raise SystemExit(f"error: --reference: tokens has {t.shape[1]} columns, the prefill {lg.shape[1]} "
                          f"needs {lg.shape[1] + 1}")

@@ -107,12 +107,19 @@ def test_golden_qat_exact_up_to_rounding_near_ties(golden, tmp_path, extra):
 
 def test_qat_ties_fails_on_a_disagreement_that_is_not_a_near_tie(golden, tmp_path):
     """The exact-mode reference differs from qat everywhere (no activation is quantised): not
-    explained by near-ties, exit status 1 with the reason; and a missing --reference is named."""
+    explained by near-ties, exit status 1 with the reason; a missing --reference and token ids outside
+    the vocabulary are named."""
     p = _qat_ties(golden, tmp_path, golden / "tiny" / "reference_exact.npz")
     assert p.returncode == 1 and "not explained by rounding near-ties: row" in p.stderr, p.stderr
     assert "disagrees from position 0 on" in p.stderr, p.stderr
     p = _qat_ties(golden, tmp_path, tmp_path / "nope.npz")
     assert p.returncode == 1 and "--reference file not found" in p.stderr, p.stderr
+    ref = np.load(golden / "tiny" / "reference_qat.npz")
+    tokens = ref["tokens"].copy()
+    tokens[0, 0] = 5000
+    np.savez(tmp_path / "bad.npz", tokens=tokens, prefill_logits=ref["prefill_logits"])
+    p = _qat_ties(golden, tmp_path, tmp_path / "bad.npz")
+    assert p.returncode == 1 and "tokens must be integer ids in [0, 1024)" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
