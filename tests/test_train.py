@@ -143,6 +143,44 @@ def test_fp8_weight_qat_is_straight_through():
     chex.assert_trees_all_close(g["weight"][...], jnp.full_like(w, 2.0))
 
 
+def test_activation_quantisers_pass_gradients_straight_through():
+    """train.mode=qat: the FP8 / FP4 activation fake-quantisers (SPEC §5) keep their exact forward values
+    and pass the gradient through unchanged. JAX differentiates a cast to float8 / float4 to zero, so
+    before this every layer below the last quantiser got no gradient in qat training."""
+    x = jax.random.normal(jax.random.key(0), (3, 200)) * 5
+    c = jax.random.normal(jax.random.key(1), (3, 200))
+    for fq, block in ((quant.fake_quant_fp8, 128), (quant.fake_quant_fp8, 64), (quant.fake_quant_fp4, 32)):
+        y, vjp = jax.vjp(lambda v: fq(v, block), x)
+        assert not np.array_equal(np.asarray(y), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(vjp(c)[0]), np.asarray(c))
+
+
+def test_qat_training_gradients_reach_every_layer():
+    """Whole model: in qat mode the first layer's attention and shared expert get gradients of the size
+    exact mode gives them (the forward differs by the quantisation only)."""
+    from flax import nnx
+    from conftest import small_config
+    from v4jax.model.transformer import Transformer
+
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 160)
+    norms = {}
+    for mode in ("exact", "qat"):
+        cfg = small_config(num_hidden_layers=1, compress_ratios=[4, 0])
+        graph, params, rest = nnx.split(Transformer(cfg, mode=mode, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+        def loss(p):
+            logits = nnx.merge(graph, p, rest)(tokens)[0]
+            return cross_entropy(logits[:, :-1], tokens[:, 1:])
+
+        grads = nnx.to_flat_state(jax.grad(loss)(params))
+        norms[mode] = {".".join(map(str, k)): float(jnp.linalg.norm(v[...])) for k, v in grads
+                       if k[:2] == ("layers", 0) and k[2:4] in (("attn", "wq_a"), ("attn", "wq_b"), ("attn", "wkv"),
+                                                                 ("attn", "wo_b"), ("ffn", "shared_experts"))}
+    assert len(norms["qat"]) >= 6
+    for name, exact in norms["exact"].items():
+        assert exact > 0 and 0.5 < norms["qat"][name] / exact < 2, (name, exact, norms["qat"][name])
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(TINY, ["train.stepz=3"])

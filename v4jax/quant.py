@@ -205,13 +205,26 @@ def dequant_fp8_act(codes, exponents, block: int = 128, dtype=jnp.float32):
     return (codes.astype(jnp.float32) * s).astype(dtype)
 
 
+@jax.custom_jvp
+def _straight_through_act(x, q):
+    """``q`` (x's quantised values) in the forward pass, bit for bit; the derivative is x's (the
+    straight-through estimator of QAT training: the rounding has a zero derivative almost everywhere,
+    and JAX's derivative of a cast to float8 / float4 is zero)."""
+    return q
+
+
+@_straight_through_act.defjvp
+def _straight_through_act_jvp(primals, tangents):
+    return primals[1], tangents[0]
+
+
 def fake_quant_fp8(x, block: int = 128, rows=None):
     """Per-token blockwise FP8 e4m3 fake quantisation along the last axis (SPEC §5a/b).
 
-    s = 2^ceil(log2(max(amax, 1e-4) / 448)),  x̂ = e4m3(clip(x / s, ±448)) · s.  Returns x's dtype.
-    ``rows``: only for ``rounding_hook``.
+    s = 2^ceil(log2(max(amax, 1e-4) / 448)),  x̂ = e4m3(clip(x / s, ±448)) · s.  Returns x's dtype;
+    the gradient passes straight through. ``rows``: only for ``rounding_hook``.
     """
-    return dequant_fp8_act(*quant_fp8_act(x, block, rows), block, x.dtype)
+    return _straight_through_act(x, dequant_fp8_act(*quant_fp8_act(x, block, rows), block, x.dtype))
 
 
 def quant_fp4_act(x, block: int = 32):
@@ -236,11 +249,12 @@ def fake_quant_fp4(x, block: int = 32):
     """Per-token blockwise FP4 e2m1 fake quantisation along the last axis (SPEC §5c).
 
     s = 2^ceil(log2(max(amax, 6·2^-126) / 6)),  x̂ = e2m1(clip(x / s, ±6)) · s  (round to nearest even).
+    The gradient passes straight through.
     """
     xf, restore = _blocked(x, block)
     amax = jnp.abs(xf).max(-1, keepdims=True)
     s = jnp.ldexp(jnp.float32(1.0), _pow2_scale_exponent(amax, FP4_MAX, FP4_MAX * 2.0 ** -126))
-    return restore(_round(jnp.clip(xf / s, -FP4_MAX, FP4_MAX), "e2m1").astype(jnp.float32) * s)
+    return _straight_through_act(x, restore(_round(jnp.clip(xf / s, -FP4_MAX, FP4_MAX), "e2m1").astype(jnp.float32) * s))
 
 
 def straight_through(w, quantize):
