@@ -154,7 +154,7 @@ def rounding_hook(fn):
     expert), the token index of each row. ``fn`` must return grid values of ``q``'s shape. A
     debugging aid, not used by the model itself: it lets a comparison with another implementation
     of QAT find values next to a rounding midpoint and round them the other's way
-    (``tests/qat_ties.py``).
+    (``v4jax/qat_ties.py``, ``eval.py qat-ties``).
     """
     token = _ROUNDING_HOOK.set(fn)
     try:
