@@ -20,7 +20,8 @@ Backward (``lse`` saved by the forward, probabilities recomputed):
 * dq: query-major like the forward.
 * dkv (window keys) and dckv (HCA): key-major, one program per key block looping over the
   query rows that can see it (positions ``p..p+window-1``, resp. ``t >= (j+1)*ratio-1``), all
-  heads; deterministic, no atomics.
+  heads; with few key blocks the positions are split across programs whose float32 partial sums
+  are added afterwards (``_choose_key_splits``); deterministic, no atomics.
 * dckv (CSA): the scattered top-k entries are accumulated inside the dq kernel: per key block
   ``G = (ds*scale)^T q + p^T do`` ([bk, D], a tensor-core matmul over the heads) is added to a
   float32 ``[N+1, D]`` buffer with ``atomic_add`` (row N absorbs the -1 slots). Races are
@@ -383,8 +384,9 @@ def _dq_kernel(*refs, spec, blk, T, N, Kp):
 
 
 def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *, spec, source,
-                blk, S, R):
-    """d(src) rows [kb*bkv, (kb+1)*bkv) of kv (source "window") or ckv ("hca"), all heads.
+                blk, S, R, n_split):
+    """d(src) rows [kb*bkv, (kb+1)*bkv) of kv (source "window") or ckv ("hca"), all heads, from
+    this program's share (``n_split`` > 1: program axis 2) of the query positions that see them.
 
     q_ref, do_ref: [Sp*Hp, Dp] (row = position * Hp + head); lse_ref, delta_ref: [Sp*Hp]."""
     bkv, bqk, bhk, Dp, Hp = blk.bkv, blk.bqk, blk.bhk, blk.Dp, blk.Hp
@@ -402,6 +404,10 @@ def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *,
     else:  # entry j is seen by t >= (j+1)*ratio - 1
         s_lo = jnp.maximum((kb * bkv + 1) * spec.ratio - 1 - q_start, 0)
         s_hi = S
+    if n_split > 1:  # this program's share, whole steps of bqk positions
+        per = lax.div(lax.div(jnp.maximum(s_hi - s_lo, 0) + n_split - 1, n_split) + bqk - 1, bqk) * bqk
+        s_lo = s_lo + pl.program_id(2) * per
+        s_hi = jnp.minimum(s_hi, s_lo + per)
     n_hb = Hp // bhk
     n_steps = jnp.maximum(lax.div(s_hi - s_lo + bqk - 1, bqk), 0) * n_hb
 
@@ -427,25 +433,46 @@ def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *,
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
+def _choose_key_splits(source, spec, blk, B, S, R):
+    """Programs per key block of the key-major backward. An HCA entry is seen by every later
+    query, so with few entries (S / ratio) a program per key block leaves the GPU idle (H100,
+    S = 4K: one program for 32 entries looping over all 262K query rows). Split the query
+    positions across programs until about two per SM, each keeping >= 64 positions; the
+    float32 partial sums are added afterwards (deterministic, no atomics)."""
+    programs = B * pl.cdiv(R, blk.bkv)
+    span = S if source == "hca" else blk.bkv + spec.window - 1
+    if programs >= 264:
+        return 1
+    return int(max(1, min(pl.cdiv(264, programs), span // 64)))
+
+
 def _key_major(spec, source, blk, qp, src, dop, lsep, deltap, pos, S):
     """d(src) for src = kv (window) or ckv (HCA): [B, R, Dp] in src.dtype."""
     B, Sp = qp.shape[:2]
     R = src.shape[1]
     Rp = pl.cdiv(R, blk.bkv) * blk.bkv
     rows = Sp * blk.Hp
-    full_q = pl.BlockSpec((None, rows, blk.Dp), lambda b, k: (b, 0, 0))
-    full_stat = pl.BlockSpec((None, rows), lambda b, k: (b, 0))
+    n_split = _choose_key_splits(source, spec, blk, B, S, R)
+    full_q = pl.BlockSpec((None, rows, blk.Dp), lambda b, k, *_: (b, 0, 0))
+    full_stat = pl.BlockSpec((None, rows), lambda b, k, *_: (b, 0))
+    if n_split > 1:  # float32 partial sums per split, added below
+        out_spec = pl.BlockSpec((None, None, blk.bkv, blk.Dp), lambda b, k, s: (s, b, k, 0))
+        out_shape = jax.ShapeDtypeStruct((n_split, B, Rp, blk.Dp), jnp.float32)
+    else:
+        out_spec = pl.BlockSpec((None, blk.bkv, blk.Dp), lambda b, k: (b, k, 0))
+        out_shape = jax.ShapeDtypeStruct((B, Rp, blk.Dp), src.dtype)
     out = pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, source=source, blk=blk, S=S, R=R),
-        grid=(B, Rp // blk.bkv),
+        functools.partial(_dkv_kernel, spec=spec, source=source, blk=blk, S=S, R=R, n_split=n_split),
+        grid=(B, Rp // blk.bkv) + ((n_split,) if n_split > 1 else ()),
         in_specs=[pl.BlockSpec((2,), lambda *g: (0,)), full_q,
-                  pl.BlockSpec((None, R, blk.Dp), lambda b, k: (b, 0, 0)), full_q, full_stat, full_stat],
-        out_specs=pl.BlockSpec((None, blk.bkv, blk.Dp), lambda b, k: (b, k, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, Rp, blk.Dp), src.dtype),
+                  pl.BlockSpec((None, R, blk.Dp), lambda b, k, *_: (b, 0, 0)), full_q, full_stat, full_stat],
+        out_specs=out_spec, out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
         interpret=spec.interpret, name=f"v4_{source}_attention_dkv")(
             pos, qp.reshape(B, rows, blk.Dp), src, dop.reshape(B, rows, blk.Dp),
             lsep.reshape(B, rows), deltap.reshape(B, rows))
+    if n_split > 1:
+        out = jnp.sum(out, axis=0).astype(src.dtype)
     return out[:, :R]
 
 

@@ -136,6 +136,19 @@ def test_matches_reference_v4_heads(backend, mode, case):
     _check(mode, backend, SLOW_CASES[case])
 
 
+@pytest.mark.parametrize("splits", (3, 50))
+@pytest.mark.parametrize("mode", ("window", "hca"))
+def test_key_major_backward_split_over_queries(monkeypatch, mode, splits):
+    """The Triton dkv / dckv kernels with the query positions split across programs (what
+    prefill at few key blocks uses on a GPU; the small test shapes need no split by themselves):
+    3 splits that do not divide the positions, and 50, more than there are positions (empty
+    shares)."""
+    from pallas_kernels import _triton
+    monkeypatch.setattr(_triton, "_choose_key_splits", lambda *a: splits)
+    _check(mode, "triton", CASES["chunk_f32"])
+    _check(mode, "triton", CASES["bf16_h16_d256"])
+
+
 @pytest.mark.parametrize("mode", ("hca", "csa"))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_decode_with_window_buffer(backend, mode):
