@@ -233,6 +233,9 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
         for k in ("loss", "mtp_ce", "balance_loss", "indexer_kl", "grad_norm", "lr", "max_expert_load",
                   "min_expert_load", "tokens_per_s", "step_time_s"):
             assert np.isfinite(r[k]), (k, r)
+    # the compilation is timed apart, once, and not in the first row's step time
+    assert straight[0]["compile_s"] > straight[0]["step_time_s"] > 0
+    assert not any("compile_s" in r for r in straight[1:])
     assert any((tmp_path / "a" / "tb").iterdir())
 
     # the same run, stopped by SIGTERM a few steps in: it saves and exits cleanly

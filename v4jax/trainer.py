@@ -181,14 +181,24 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     stop = _Stop()
     logged = []
     bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
-    t_last, steps_since = time.perf_counter(), 0
+    compiled, compile_s = None, None
     step = start
     try:
         while step < tcfg.steps:
             local = next(data_iter)["tokens"]
             batch = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
             with jax.set_mesh(mesh):  # the model reads it (expert parallelism: moe.Experts)
-                state, metrics = step_fn(state, batch)
+                if compiled is None:  # compiled apart, so that step times and MFU exclude it
+                    if progress and is_main:
+                        tqdm.write("compiling the training step ...")
+                    t = time.perf_counter()
+                    compiled = step_fn.lower(state, batch).compile()
+                    compile_s = time.perf_counter() - t
+                    if progress and is_main:
+                        tqdm.write(f"compiled the training step in {compile_s:.1f} s")
+                    t_last, steps_since = time.perf_counter(), 0
+                    bar.unpause()  # its rate excludes the compilation too
+                state, metrics = compiled(state, batch)
             step += 1
             steps_since += 1
             bar.update(1)
@@ -202,6 +212,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
                 row = {"step": step, **{k: float(v) for k, v in metrics.items()},
                        "step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
                 row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * jax.device_count()) if peak else None
+                if compile_s is not None:  # the first logged row of this process
+                    row["compile_s"], compile_s = compile_s, None
                 logged.append(row)
                 if is_main:
                     with open(metrics_path, "a") as f:
