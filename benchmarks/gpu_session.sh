@@ -5,7 +5,9 @@
 #   bash benchmarks/gpu_session.sh wheels PYVER   # here, with PyPI: wheels the device lacks -> .whl/
 #   bash benchmarks/gpu_session.sh STAGE          # on the device (carry .whl), STAGE one of:
 #     env        device, versions, imports
-#     tests      tests/pallas_kernels and the model tests, kernels compiled (Triton)
+#     tests [PYTEST ARGS]  the kernel and model tests with the kernels compiled (Triton; the TPU
+#                kernels' interpret-mode cases are left to CPU CI); default tests/pallas_kernels
+#                tests/model (about 6 s per compiled case: give a file or -k to fit 10 minutes)
 #     attention  benchmarks/attention.py (V4-Flash shapes, kernels vs the XLA references)
 #     moe        benchmarks/moe.py (grouped matmul vs ragged_dot)
 #     head       benchmarks/head.py (the loss's head per train.head_precision)
@@ -60,7 +62,9 @@ print("devices:", jax.devices())
 EOF
       ;;
     tests)
-      python -m pytest -q -x tests/pallas_kernels tests/model -p no:cacheprovider ;;
+      args=("${@:2}")
+      (( ${#args[@]} )) || args=(tests/pallas_kernels tests/model)
+      python -m pytest -q -rf -k "not mosaic" -p no:cacheprovider "${args[@]}" ;;
     attention)
       python benchmarks/attention.py "${smoke[@]}" ;;
     moe)
@@ -72,14 +76,16 @@ EOF
       [[ -n "${SMOKE:-}" ]] && cfg=configs/tiny.yaml
       work=${TRAIN_DIR:-/tmp/v4jax-gpu-train}   # the final checkpoint stays outside $OUT (GBs)
       rm -rf "$work"
-      python train.py --config "$cfg" --workdir "$work" --quiet "train.steps=${TRAIN_STEPS:-30}" \
-        train.log_every=5 checkpoint.every=100000
+      # not --quiet: the log shows the phases ("compiling the training step ...", "compiled ... in N s");
+      # a run stopped by TRAIN_TIMEOUT (seconds) prints where it was (faulthandler on SIGABRT)
+      PYTHONFAULTHANDLER=1 timeout -s ABRT "${TRAIN_TIMEOUT:-560}" python train.py --config "$cfg" \
+        --workdir "$work" "train.steps=${TRAIN_STEPS:-30}" train.log_every=5 checkpoint.every=100000
       cp "$work/metrics.jsonl" "$out/metrics.jsonl"
       python - "$out/metrics.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 for r in rows:
-    print({k: r.get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s", "mfu")})
+    print({k: r.get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s", "mfu", "compile_s")})
 EOF
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
