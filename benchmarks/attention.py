@@ -5,6 +5,10 @@ entries, HCA ratio 128, bfloat16. Rows: prefill at S = 4K, 16K, 64K (forward and
 decode at batch 1/8/64 and context 16K/128K/1M (forward; one query per row against its last
 ``window`` kv rows and the compressed cache).
 
+Decode rows time one call as the mean of ``--decode-chain`` calls chained in one jitted loop (each
+call's query depends on the previous output), so that the ~0.1 ms dispatch of a single jitted
+call does not hide the kernel; the loop adds one small elementwise pass over q per call.
+
 Columns: median time after warm-up (``block_until_ready``), useful TFLOP/s, the fraction of
 the compute floor (FLOPs / peak) and of the memory floor (minimal bytes / bandwidth) that the
 time achieves, the XLA reference time and the kernel speed-up. Backward = (forward+backward) -
@@ -197,15 +201,16 @@ def _indexer_case(cfg, B, S, q_start, N, key, fp4=False):
     return (q, w, k), make, flops, nbytes
 
 
-def _indexer_rows(cfg, prefill, decode, extra, reps, no_reference, peak_f, peak_b, key):
+def _indexer_rows(cfg, prefill, decode, extra, reps, no_reference, peak_f, peak_b, key, decode_chain):
     cases = [(f"prefill S={S}", 1, S, 0, S // CSA_RATIO, False) for S in prefill]
     for B, c in decode:
         cases += [(f"decode B={B} ctx={c}{' fp4' * fp4}", B, 1, c - 1, c // CSA_RATIO, fp4) for fp4 in (False, True)]
     for label, B, S, q_start, N, fp4 in cases:
         inputs, make, flops, nbytes = _indexer_case(cfg, B, S, q_start, N, key, fp4)
-        t_k, e1 = _try(make(**extra), *inputs, reps=reps)
+        chain = decode_chain if S == 1 else 0
+        t_k, e1 = _try(make(**extra), *inputs, reps=reps, chain=chain)
         t_x, e2 = (None, "reference skipped") if no_reference else _try(
-            make(backend="xla"), *inputs, reps=reps)
+            make(backend="xla"), *inputs, reps=reps, chain=chain)
         _row("index", label, "fwd", t_k, t_x, flops, nbytes, peak_f, peak_b, e1 or e2)
 
 
@@ -218,8 +223,23 @@ def _fwd_bwd_fns(f):
     return fwd, both
 
 
-def _try(fn, *args, reps):
+def _chained(fn, n):
+    """fn(x, *rest) called n times inside one jitted loop, each call's x depending on the previous
+    call's output (x + eps * sum(y), eps a traced zero: the values stay, nothing is hoisted)."""
+    def loop(eps, x, *rest):
+        def body(_, x):
+            y = fn(x, *rest)
+            return x + (eps * jnp.sum(y.astype(jnp.float32))).astype(x.dtype)
+        return jax.lax.fori_loop(0, n, body, x)
+    return jax.jit(loop)
+
+
+def _try(fn, *args, reps, chain=0):
+    """(median seconds of fn(*args), error note); ``chain`` = n > 0: the time per call of n chained
+    calls in one jitted loop (decode: a call's dispatch takes longer than the kernel)."""
     try:
+        if chain:
+            return _time(_chained(fn, chain), jnp.float32(0), *args, reps=reps) / chain, ""
         return _time(fn, *args, reps=reps), ""
     except Exception as e:  # noqa: BLE001 - report OOM / unsupported and keep the table going
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -245,6 +265,9 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, smoke 2)")
     ap.add_argument("--backend", default=None, help="triton | mosaic (default: by jax.default_backend())")
     ap.add_argument("--no-reference", action="store_true", help="skip the XLA reference timings")
+    ap.add_argument("--decode-chain", type=int, default=None,
+                    help="decode rows: time per call of N chained calls in one jitted loop (default 20, "
+                         "smoke 2); 0 times single calls, dispatch included")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_FLOPS / 1e12)
     ap.add_argument("--peak-tbps", type=float, default=H100_HBM_BYTES / 1e12)
     args = ap.parse_args()
@@ -258,6 +281,7 @@ def main():
         prefill = [4096, 16384, 65536]
         decode = [(b, c) for b in (1, 8, 64) for c in (16384, 131072, 1 << 20)]
         extra, reps = dict(backend=args.backend), args.reps or 10
+    chain = args.decode_chain if args.decode_chain is not None else (2 if args.smoke else 20)
     peak_f, peak_b = args.peak_tflops * 1e12, args.peak_tbps * 1e12
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
           f"H={cfg['heads']} D={cfg['dim']} window={cfg['window']} top-k={cfg['topk']} "
@@ -269,7 +293,7 @@ def main():
     key = jax.random.PRNGKey(0)
     for kind in args.kinds.split(","):
         if kind == "indexer":
-            _indexer_rows(cfg, prefill, decode, extra, reps, args.no_reference, peak_f, peak_b, key)
+            _indexer_rows(cfg, prefill, decode, extra, reps, args.no_reference, peak_f, peak_b, key, chain)
             continue
         for S in prefill:
             inputs, make = _prefill_case(kind, cfg, S, key)
@@ -291,9 +315,9 @@ def main():
             _row(kind, label, "bwd", t_b, x_b, flops_b, bytes_b, peak_f, peak_b, e2 or e3)
         for B, ctx in decode:
             inputs, kernel, xla = _decode_case(kind, cfg, B, ctx, key)
-            t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps)
+            t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps, chain=chain)
             t_x, e2 = (None, "reference skipped") if args.no_reference else _try(
-                jax.jit(xla), *inputs, reps=reps)
+                jax.jit(xla), *inputs, reps=reps, chain=chain)
             flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True)
             _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
                  e1 or e2)
@@ -302,10 +326,10 @@ def main():
             # the same with the entries as --kv-cache fp8 holds them (reference: dequantise first)
             q, kv, ckv, sink = inputs
             inputs8 = (q, kv, _as_fp8(ckv, key), sink)
-            t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs8, reps=reps)
+            t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs8, reps=reps, chain=chain)
             t_x, e2 = (None, "reference skipped") if args.no_reference else _try(
                 jax.jit(lambda q, kv, e, sink: xla(q, kv, ref.dequant_fp8_entries(e, q.dtype), sink)),
-                *inputs8, reps=reps)
+                *inputs8, reps=reps, chain=chain)
             flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True, fp8=True)
             _row(kind, f"decode B={B} ctx={ctx} fp8", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
                  e1 or e2)
