@@ -387,6 +387,7 @@ class TrainConfig:
     bf16_weight_qat: bool = False             # round the release's BF16 tensors to bf16 on use (STE)
     peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
     remat: bool = False                       # recompute each block in the backward pass
+    scan_layers: bool = False                 # repeated layers as one lax.scan: shorter compilation
     # the loss's head matmuls (main and MTP, forward and backward; SPEC: fp32): "fp32" true fp32
     # products; "bf16x6" / "bf16x3" / "bf16": that many bf16 tensor-core passes (x6 ~ fp32 accuracy,
     # x3 ~ 1e-5 relative, 1 pass ~ 4e-3), production mode only. XLA:CPU computes all of them in fp32.

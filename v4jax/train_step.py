@@ -108,7 +108,7 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     metrics: ``loss`` (next-token CE), ``mtp_ce``, ``balance_loss``, ``indexer_kl``, ``total_loss``.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False)
+    _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False, scan=tcfg.scan_layers)
     head = model.head.weight[...]
     kw = dict(precision=tcfg.head_precision, bf16_head=tcfg.bf16_weight_qat)
     ce = chunked_cross_entropy(model.head_inputs(X), head, targets, **kw)
