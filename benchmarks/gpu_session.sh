@@ -8,9 +8,10 @@
 #     tests [PYTEST ARGS]  the kernel and model tests with the kernels compiled (Triton; the TPU
 #                kernels' interpret-mode cases are left to CPU CI); default tests/pallas_kernels
 #                tests/model (about 6 s per compiled case: give a file or -k to fit 10 minutes)
-#     attention  benchmarks/attention.py (V4-Flash shapes, kernels vs the XLA references)
-#     moe        benchmarks/moe.py (grouped matmul vs ragged_dot)
-#     head       benchmarks/head.py (the loss's head per train.head_precision)
+#     attention [ARGS]  benchmarks/attention.py (V4-Flash shapes, kernels vs the XLA references; the
+#                full table took 9 min on an H100: split it, e.g. --kinds csa,hca then --kinds window,indexer)
+#     moe [ARGS]   benchmarks/moe.py (grouped matmul vs ragged_dot)
+#     head [ARGS]  benchmarks/head.py (the loss's head per train.head_precision)
 #     train      configs/small.yaml for TRAIN_STEPS steps (default 30): tokens/s and MFU
 #
 # Each stage writes STAGE.log (and train: metrics.jsonl) under $OUT (default runs/gpu).
@@ -66,11 +67,11 @@ EOF
       (( ${#args[@]} )) || args=(tests/pallas_kernels tests/model)
       python -m pytest -q -rf -k "not mosaic" -p no:cacheprovider "${args[@]}" ;;
     attention)
-      python benchmarks/attention.py "${smoke[@]}" ;;
+      python benchmarks/attention.py "${smoke[@]}" "${@:2}" ;;
     moe)
-      python benchmarks/moe.py "${smoke[@]}" ;;
+      python benchmarks/moe.py "${smoke[@]}" "${@:2}" ;;
     head)
-      python benchmarks/head.py "${smoke[@]}" ;;
+      python benchmarks/head.py "${smoke[@]}" "${@:2}" ;;
     train)
       cfg=configs/small.yaml
       [[ -n "${SMOKE:-}" ]] && cfg=configs/tiny.yaml
