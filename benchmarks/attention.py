@@ -127,7 +127,25 @@ def _prefill_case(kind, cfg, S, key):
                 return impl.compressed_attention(q, kv, ckv, sink, **kw, **extra)
             return impl.window_attention(q, kv, sink, **kw, **extra)
         return f
-    return (q, kv, ckv, sink), make
+    return (q, kv, ckv, sink), make, idx
+
+
+def _backward_parts(kind, cfg, inputs, idx, extra, reps, key):
+    """{kernel: (seconds, error)} of each Triton backward kernel alone for a prefill case: "dq" (with
+    CSA also the dckv atomics), "dkv" (window keys, key-major), "dckv" (HCA, key-major)."""
+    from pallas_kernels import _core, _triton
+    q, kv, ckv, sink = inputs
+    spec = _core.Spec(mode=kind, window=cfg["window"], ratio=cfg["ratio"] if kind == "hca" else 0,
+                      scale=q.shape[-1] ** -0.5, backend="triton", interpret=bool(extra.get("interpret")))
+    pos = jnp.zeros((2,), jnp.int32)
+    c = None if kind == "window" else ckv
+    o, lse = jax.jit(lambda q, kv, c, sink: _triton.forward(spec, q, kv, c, idx, sink, pos))(q, kv, c, sink)
+    do = jax.random.normal(key, q.shape, q.dtype)
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+    parts = ("dq", "dkv") + (("dckv",) if kind == "hca" else ())
+    return {part: _try(jax.jit(lambda q, kv, c, lse, delta, do, part=part: _triton.backward(
+        spec, q, kv, c, idx, sink, pos, lse, delta, do, parts=(part,))), q, kv, c, lse, delta, do, reps=reps)
+        for part in parts}
 
 
 def _decode_case(kind, cfg, B, ctx, key):
@@ -265,6 +283,8 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10, smoke 2)")
     ap.add_argument("--backend", default=None, help="triton | mosaic (default: by jax.default_backend())")
     ap.add_argument("--no-reference", action="store_true", help="skip the XLA reference timings")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="prefill rows: also time each Triton backward kernel alone (dq, dkv, dckv)")
     ap.add_argument("--decode-chain", type=int, default=None,
                     help="decode rows: time per call of N chained calls in one jitted loop (default 20, "
                          "smoke 2); 0 times single calls, dispatch included")
@@ -296,7 +316,7 @@ def main():
             _indexer_rows(cfg, prefill, decode, extra, reps, args.no_reference, peak_f, peak_b, key, chain)
             continue
         for S in prefill:
-            inputs, make = _prefill_case(kind, cfg, S, key)
+            inputs, make, idx = _prefill_case(kind, cfg, S, key)
             f_fwd, f_bwd = _fwd_bwd_fns(make(pk, **extra))
             t_fwd, e1 = _try(f_fwd, *inputs, reps=reps)
             t_all, e2 = _try(f_bwd, *inputs, reps=reps)
@@ -313,6 +333,10 @@ def main():
             diff = lambda a, b: a - b if (a and b and a > b) else None  # noisy tiny shapes: —
             t_b, x_b = diff(t_all, t_fwd), diff(x_all, x_fwd)
             _row(kind, label, "bwd", t_b, x_b, flops_b, bytes_b, peak_f, peak_b, e2 or e3)
+            if args.breakdown and (extra.get("backend") or jax.default_backend()) in ("triton", "gpu"):
+                for part, (t, err) in _backward_parts(kind, cfg, inputs, idx, extra, reps, key).items():
+                    share = f"{t / t_b:8.1%} of bwd" if (t and t_b) else ""
+                    print(f"{kind:6} {label:28} {part:4} {t * 1e3 if t else float('nan'):10.3f}  {share} {err}")
         for B, ctx in decode:
             inputs, kernel, xla = _decode_case(kind, cfg, B, ctx, key)
             t_k, e1 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps, chain=chain)

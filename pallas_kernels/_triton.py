@@ -476,8 +476,12 @@ def _key_major(spec, source, blk, qp, src, dop, lsep, deltap, pos, S):
     return out[:, :R]
 
 
-def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do):
-    """(dq, dkv, dckv|None) given lse, delta = sum(o*do) [B,S,H] f32 and do [B,S,H,D]."""
+def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do, parts=("dq", "dkv", "dckv")):
+    """(dq, dkv, dckv|None) given lse, delta = sum(o*do) [B,S,H] f32 and do [B,S,H,D].
+
+    ``parts`` (benchmarks: one kernel at a time) names the kernels to run, the others' results are
+    None: "dq" (with CSA also dckv, formed in the same kernel), "dkv" (window keys, key-major),
+    "dckv" (HCA, key-major)."""
     B, S, H, D = q.shape
     blk = choose_blocks(spec.mode, H, D)
     qp, kvp, ckvp, idxp, _ = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
@@ -503,18 +507,19 @@ def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do):
         out_shape.append(jax.ShapeDtypeStruct((B, N + 1, blk.Dp), jnp.float32))
         aliases = {len(args): 1}
         args.append(jnp.zeros((B, N + 1, blk.Dp), jnp.float32))
-    outs = pl.pallas_call(
-        functools.partial(_dq_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp),
-        grid=(B, Sp // blk.bq, blk.Hp // blk.bh), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
-        interpret=spec.interpret, name=f"v4_{spec.mode}_attention_dq")(*args)
-    dq = outs[0][:, :S, :H, :D]
-
-    dkv = _key_major(spec, "window", blk, qp, kvp, dop, lsep, deltap, pos, S)[..., :D]
-    dckv = None
-    if spec.mode == "hca":
+    dq = dkv = dckv = None
+    if "dq" in parts:
+        outs = pl.pallas_call(
+            functools.partial(_dq_kernel, spec=spec, blk=blk, T=T, N=N, Kp=Kp),
+            grid=(B, Sp // blk.bq, blk.Hp // blk.bh), in_specs=in_specs, out_specs=out_specs,
+            out_shape=out_shape, input_output_aliases=aliases,
+            compiler_params=plgpu.CompilerParams(num_warps=blk.num_warps, num_stages=blk.num_stages),
+            interpret=spec.interpret, name=f"v4_{spec.mode}_attention_dq")(*args)
+        dq = outs[0][:, :S, :H, :D]
+        if spec.mode == "csa":
+            dckv = outs[1][:, :N, :D].astype(ckv.dtype)
+    if "dkv" in parts:
+        dkv = _key_major(spec, "window", blk, qp, kvp, dop, lsep, deltap, pos, S)[..., :D]
+    if "dckv" in parts and spec.mode == "hca":
         dckv = _key_major(spec, "hca", blk, qp, ckvp, dop, lsep, deltap, pos, S)[..., :D]
-    elif spec.mode == "csa":
-        dckv = outs[1][:, :N, :D].astype(ckv.dtype)
     return dq, dkv, dckv
