@@ -78,6 +78,24 @@ def test_stack_is_orthogonalised_per_matrix():
                                     atol=1e-5)
 
 
+def test_same_role_matrices_of_all_layers_share_one_loop():
+    """One role in every layer (``layers.#.attn.wq.weight``) is orthogonalised as one stacked batch:
+    one Newton-Schulz loop per role, and each matrix's update is what it gets alone."""
+    rho = 0.18
+    updates = {"layers": [{"attn": {"wq": {"weight": jnp.asarray(_rand((24, 40), seed=10 + i))}},
+                           "ffn": {"experts": {"w1": jnp.asarray(_rand((3, 16, 8), seed=20 + i))}}}
+                          for i in range(4)],
+               "head": {"weight": jnp.asarray(_rand((24, 40), seed=30))}}  # same shape, another role
+    tx = optim.orthogonalize_updates(HYBRID, update_rms=rho)
+    out, _ = tx.update(updates, tx.init(updates))
+
+    def alone(path, u):
+        return optim.newton_schulz(u, HYBRID) * (rho * np.sqrt(max(u.shape[-2:])))
+    chex.assert_trees_all_close(out, jax.tree_util.tree_map_with_path(alone, updates), atol=1e-5)
+    text = jax.jit(lambda u: tx.update(u, None)[0]).lower(updates).as_text()
+    assert text.count("stablehlo.while") == 3   # wq, experts.w1, head
+
+
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32), (3, 48, 24)])
 def test_update_rms_matching(shape):
     """For O = U diag(s) V^T ([m, n], r = min(m, n)): RMS(O) = sqrt(sum s^2 / (m n)), so

@@ -238,12 +238,21 @@ def newton_schulz(x: jax.Array, coeffs, *, dtype=jnp.float32, eps: float = 1e-7)
     return y.astype(x.dtype)
 
 
+def _role(path) -> str:
+    """The dotted name with every integer part (layer, list index) as ``#``: ``layers.#.attn.wq_a.weight``."""
+    return ".".join("#" if p.isdigit() else p for p in _path_str(path).split("."))
+
+
 def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
                           update_rms: float = 0.18) -> optax.GradientTransformation:
     """Stateless: u [..., m, n] -> newton_schulz(u) * update_rms * sqrt(max(m, n)).
 
     For an exactly orthogonal result (min(m, n) unit singular values) the output RMS is
     update_rms * sqrt(max(m, n)) * sqrt(min(m, n) / (m n)) = update_rms.
+
+    Leaves of one role in every layer (``_role``: same name but for the layer index, hence the
+    same shape and sharding) are stacked and orthogonalised as one batch: one Newton–Schulz loop
+    per role instead of one per leaf (small.yaml: ~20 instead of ~200), each matrix on its own.
     """
 
     def update_fn(updates, state, params=None):
@@ -253,7 +262,16 @@ def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
             scale = update_rms * math.sqrt(max(u.shape[-2:]))
             return newton_schulz(u, coeffs, dtype=ns_dtype) * jnp.asarray(scale, u.dtype)
 
-        return jax.tree.map(one, updates), state
+        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        groups: dict[tuple, list[int]] = {}
+        for i, (path, u) in enumerate(flat):
+            groups.setdefault((_role(path), u.shape, u.dtype), []).append(i)
+        out = [None] * len(flat)
+        for idx in groups.values():
+            done = one(jnp.stack([flat[i][1] for i in idx])) if len(idx) > 1 else one(flat[idx[0]][1])[None]
+            for k, i in enumerate(idx):
+                out[i] = done[k]
+        return jax.tree_util.tree_unflatten(treedef, out), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
