@@ -12,7 +12,8 @@
 #                full table took 9 min on an H100: split it, e.g. --kinds csa,hca then --kinds window,indexer)
 #     moe [ARGS]   benchmarks/moe.py (grouped matmul vs ragged_dot)
 #     head [ARGS]  benchmarks/head.py (the loss's head per train.head_precision)
-#     train      configs/small.yaml for TRAIN_STEPS steps (default 30): tokens/s and MFU
+#     train [KEY=VALUE ...]  configs/small.yaml (with those overrides) for TRAIN_STEPS steps (default 30):
+#                tokens/s, MFU and compile time
 #
 # Each stage writes STAGE.log (and train: metrics.jsonl) under $OUT (default runs/gpu).
 # SMOKE=1 runs the stages at tiny sizes on any CPU (a check of this script, no timings).
@@ -80,7 +81,7 @@ EOF
       # not --quiet: the log shows the phases ("compiling the training step ...", "compiled ... in N s");
       # a run stopped by TRAIN_TIMEOUT (seconds) prints where it was (faulthandler on SIGABRT)
       PYTHONFAULTHANDLER=1 timeout -s ABRT "${TRAIN_TIMEOUT:-560}" python train.py --config "$cfg" \
-        --workdir "$work" "train.steps=${TRAIN_STEPS:-30}" train.log_every=5 checkpoint.every=100000
+        --workdir "$work" "train.steps=${TRAIN_STEPS:-30}" train.log_every=5 checkpoint.every=100000 "${@:2}"
       cp "$work/metrics.jsonl" "$out/metrics.jsonl"
       python - "$out/metrics.jsonl" <<'EOF'
 import json, sys
