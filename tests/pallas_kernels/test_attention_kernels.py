@@ -373,3 +373,25 @@ def test_fp8_decode_lowers_for_gpu_as_one_kernel(mode):
     assert expanded not in text
     if mode == "hca":
         assert expanded in lowered("mosaic", "tpu")
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs():
+    """benchmarks/attention.py --smoke --breakdown (interpret mode) prints every row, with no error
+    note, and the backward kernels one by one: the script the GPU sessions run keeps working."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--reps", "1", "--breakdown"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split() for line in out.stdout.splitlines()
+            if line.split()[:1] in (["csa"], ["hca"], ["window"], ["index"])]
+    assert not any("error:" in " ".join(r) or "OOM" in r for r in rows), out.stdout
+    passes = {(r[0], r[3]) for r in rows if r[1] == "prefill"}
+    assert passes >= {(k, p) for k in ("csa", "hca", "window") for p in ("fwd", "bwd", "dq", "dkv")}
+    assert ("hca", "dckv") in passes and ("index", "fwd") in passes, passes
+    decode = [r for r in rows if r[1] == "decode"]
+    assert len(decode) == 2 * (2 + 2 + 1 + 2), decode   # csa, hca (bf16 + fp8), window, index (+ fp4)
