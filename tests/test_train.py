@@ -252,6 +252,63 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(where):
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+_ACCUM_SCRIPT = """
+import re
+import chex, jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from jax.sharding import Mesh
+from conftest import small_config
+from v4jax import sharding
+from v4jax.config import TrainConfig
+from v4jax.model.transformer import Transformer
+from v4jax.train_step import make_train_step
+
+cfg = small_config()
+model = Transformer(cfg, mode="exact", rngs=nnx.Rngs(0))
+graph, params0, rest = nnx.split(model, nnx.Param, ...)
+tx = optax.sgd(1.0)  # the update is minus the gradient
+devices = np.asarray(jax.devices())
+for shape, accums in (((1, 1, 1, 1), (1, 4)), ((2, 1, 2, 1), (1, 2))):
+    mesh = Mesh(devices[:np.prod(shape)].reshape(shape), sharding.AXES)
+    params = jax.device_put(nnx.to_pure_dict(params0), sharding.param_shardings(params0, mesh))
+    state = {"params": params, "buffers": nnx.to_pure_dict(rest), "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    tokens = jax.device_put(jax.random.randint(jax.random.key(1), (8, 33), 0, cfg.vocab_size),
+                            sharding.batch_sharding(mesh))
+    out = {}
+    with jax.set_mesh(mesh):
+        for accum in accums:
+            step = make_train_step(graph, cfg, TrainConfig(mode="exact", grad_accum=accum), tx, lambda s: 1.0)
+            compiled = jax.jit(step).lower(state, tokens).compile()
+            out[accum] = compiled(state, tokens)
+    if mesh.size > 1:  # per device, the 2 microbatches hold 8 / (2 x 4 devices) = 1 sequence each
+        held = set(re.findall(r"s32\\[(\\d+),(\\d+),33\\]", compiled.as_text()))
+        assert ("2", "1") in held and not any(int(rows) > 1 for _, rows in held), held
+    (new1, m1), (new, m) = out[accums[0]], out[accums[1]]
+    chex.assert_trees_all_close(m, m1, rtol=1e-5)  # losses, gradient norm, expert loads
+    for (path, p0), p1, p in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(new1["params"]),
+                                 jax.tree.leaves(new["params"])):
+        g1, g = p0 - p1, p0 - p  # gradients (and the same gate-bias step)
+        chex.assert_trees_all_close(g, g1, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(g1))) + 1e-12,
+                                    custom_message=jax.tree_util.keystr(path))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_whole_batch_step():
+    """train.grad_accum: a step over 8 sequences run as 4 (one device) or 2 (data=2 x expert=2 mesh, 4
+    host devices: each microbatch is still split over the batch axes, one sequence per device) microbatches gives the one-pass
+    step's metrics, gradients (SGD with rate 1: the parameter change) and gate-bias update, up to
+    float32 reordering."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _ACCUM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(TINY, ["train.stepz=3"])
@@ -273,6 +330,9 @@ def test_config_errors_name_the_key(tmp_path):
     from v4jax.sharding import check_batch
     with pytest.raises(ConfigError, match=r"global_batch=6 must be a multiple of .* = 4"):
         check_batch(6, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1})
+    with pytest.raises(ConfigError, match=r"global_batch=8 must be a multiple of mesh data×fsdp×expert × "
+                                          r"train.grad_accum = 2×1×2×4 = 16"):
+        check_batch(8, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}, grad_accum=4)
     check_batch(8, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
     with pytest.raises(ConfigError, match=r"tiny.yaml: model: FP4 experts need hidden_size"):
         load_config(TINY, ["model.hidden_size=100"])
@@ -450,7 +510,7 @@ def test_training_on_two_processes_matches_one_device(tmp_path):
 @pytest.mark.slow
 def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
     """configs/small.yaml (the GPU run; 4 of its layers, one of each kind, to keep the test short) as
-    the GPU would get it: the whole training step (production mode, remat, FP4/FP8 weight QAT) and
+    the GPU would get it: the whole training step (production mode, remat, FP4/FP8 weight QAT, gradient accumulation) and
     prefill + decode lower for ``cuda`` with every Pallas kernel as a Triton call. Lowering needs no
     GPU; the kernels are forced to their Triton form."""
     import re
@@ -464,7 +524,7 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
 
     monkeypatch.setattr(layers, "kernel_kw", lambda: {"backend": "triton"})
     monkeypatch.setattr(layers, "bf16_passes", lambda: True)  # as on a GPU
-    cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=2",
+    cfg = load_config(REPO / "configs" / "small.yaml", ["data.seq_len=1024", "data.global_batch=4", "train.grad_accum=2",
                                                                "model.num_hidden_layers=4",
                                                                "model.compress_ratios=[0,4,128,0,4]"])
     m, t = cfg.model, cfg.train
@@ -475,7 +535,7 @@ def test_small_config_lowers_for_gpu_with_the_kernels(monkeypatch):
     tx = build_optimizer(cfg.optimizer, params)
     state = {"params": params, "buffers": rest, "opt_state": jax.eval_shape(tx.init, params),
              "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    batch = jax.ShapeDtypeStruct((2, 1025), jnp.int32)
+    batch = jax.ShapeDtypeStruct((4, 1025), jnp.int32)
     step = make_train_step(graphdef, m, t, tx, learning_rate_schedule(cfg.optimizer))
 
     def lowered(f, *args):

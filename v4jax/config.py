@@ -388,6 +388,9 @@ class TrainConfig:
     peak_tflops: float | None = None          # per device, for MFU; None: by device kind, else no MFU
     remat: bool = False                       # recompute each block in the backward pass
     scan_layers: bool = False                 # repeated layers as one lax.scan: shorter compilation
+    # gradient accumulation: each step runs data.global_batch as this many microbatches, one after
+    # another, and updates once (activation memory of global_batch / grad_accum sequences)
+    grad_accum: int = 1
     # the loss's head matmuls (main and MTP, forward and backward; SPEC: fp32): "fp32" true fp32
     # products; "bf16x6" / "bf16x3" / "bf16": that many bf16 tensor-core passes (x6 ~ fp32 accuracy,
     # x3 ~ 1e-5 relative, 1 pass ~ 4e-3), production mode only. XLA:CPU computes all of them in fp32.
@@ -399,6 +402,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         for k in ("mtp_loss_weight", "balance_loss_weight", "bias_update_speed", "indexer_loss_weight"):
             _check(getattr(self, k) >= 0, f"train.{k} must be >= 0, got {getattr(self, k)}")
         _check(self.peak_tflops is None or self.peak_tflops > 0, f"train.peak_tflops must be > 0, got {self.peak_tflops}")

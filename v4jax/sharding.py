@@ -123,15 +123,20 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def check_batch(global_batch: int, mesh_axes):
-    """Rows of a batch are split over BATCH_AXES: the global batch must be a multiple of their product.
-    ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""
+def check_batch(global_batch: int, mesh_axes, grad_accum: int = 1):
+    """Rows of a batch are split over BATCH_AXES, and with ``train.grad_accum`` into microbatches: the
+    global batch must be a multiple of their product. ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""
     shape = dict(mesh_axes)
-    shards = math.prod(shape[a] for a in BATCH_AXES)
-    if global_batch % shards:
-        raise ConfigError(f"data.global_batch={global_batch} must be a multiple of mesh data×fsdp×expert = "
-                          f"{'×'.join(str(shape[a]) for a in BATCH_AXES)} = {shards} (batch rows are split "
-                          "over those axes)")
+    sizes = [shape[a] for a in BATCH_AXES]
+    names = "data×fsdp×expert"
+    if grad_accum > 1:
+        sizes, names = sizes + [grad_accum], "mesh " + names + " × train.grad_accum"
+    else:
+        names = "mesh " + names
+    if global_batch % math.prod(sizes):
+        raise ConfigError(f"data.global_batch={global_batch} must be a multiple of {names} = "
+                          f"{'×'.join(map(str, sizes))} = {math.prod(sizes)} (batch rows are split over those "
+                          "mesh axes" + (" and into the microbatches" if grad_accum > 1 else "") + ")")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig, TrainConfig
 from v4jax.hf.names import expected_tensors, path_to_name, tensor_names
+from v4jax.sharding import BATCH_AXES
 from v4jax.model.layers import dot_f32
 
 
@@ -190,9 +192,37 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
         loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
         return loss, (metrics, counts)
 
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_of(params, buffers, tokens):
+        """(metrics, counts, grads) of the batch, in ``tcfg.grad_accum`` microbatches run one after another."""
+        A = tcfg.grad_accum
+        if A == 1:
+            (_, (metrics, counts)), grads = grad_fn(params, buffers, tokens)
+            return metrics, counts, grads
+        B = tokens.shape[0]
+        if B % A:
+            raise ValueError(f"a batch of {B} rows does not split into train.grad_accum={A} microbatches")
+        # microbatch i holds rows i, i + A, i + 2A, ...: the rows each device holds (a contiguous block
+        # of the batch) split evenly over the microbatches, so every microbatch stays data-parallel
+        micro = jnp.swapaxes(tokens.reshape(B // A, A, -1), 0, 1)
+        if not jax.sharding.get_abstract_mesh().empty:
+            micro = jax.lax.with_sharding_constraint(micro, P(None, BATCH_AXES))
+
+        def one(carry, mb):
+            (_, aux), g = grad_fn(params, buffers, mb)
+            return jax.tree_util.tree_map(jnp.add, carry, (aux, g)), None
+
+        shapes = jax.eval_shape(grad_fn, params, buffers, micro[0])
+        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0][1], shapes[1]))
+        ((metrics, counts), grads), _ = jax.lax.scan(one, zeros, micro)
+        # every microbatch has as many sequences and tokens: the batch's mean losses and gradient are
+        # the microbatches' means; expert counts add up
+        metrics, grads = jax.tree_util.tree_map(lambda x: x / A, (metrics, grads))
+        return metrics, counts, grads
+
     def step(state, tokens):
-        (_, (metrics, counts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["buffers"], tokens)
+        metrics, counts, grads = grads_of(state["params"], state["buffers"], tokens)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = update_gate_biases(params, counts, tcfg.bias_update_speed)

@@ -123,7 +123,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     tcfg, mcfg = cfg.train, cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_batch(cfg.data.global_batch, mesh.shape)
+    sharding.check_batch(cfg.data.global_batch, mesh.shape, tcfg.grad_accum)
     is_main = jax.process_index() == 0
     try:  # first, so that a bad data path or file fails before the model is built
         data_iter = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
