@@ -38,6 +38,7 @@ compiler and ptxas (see docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -67,6 +68,45 @@ class Blocks:
     bk_dq: int  # key tile of the dq kernel (smaller for CSA at D=512: it also forms dckv rows)
     num_warps: int
     num_stages: int = 2
+    bcol: int = 0  # forward: q, keys and the accumulator in column blocks of this width (0: whole rows)
+
+
+# Forward tiles other than ``choose_blocks``'s, by attention kind (set by ``forward_tiles``).
+_FWD_TILES: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def forward_tiles(mode: str, **fields):
+    """Forward kernels of kind ``mode`` traced inside use these ``Blocks`` fields (``bh``, ``bk``,
+    ``bcol``, ``num_warps``, ...) instead of ``choose_blocks``'s, so that ``benchmarks/attention.py
+    --fwd-tiles`` can time a tiling against the default in one run. Example, CSA at V4-Flash shapes
+    with all 64 heads in one program (the row gathered once per position; sm_90 PTX with wgmma,
+    offline): ``forward_tiles("csa", bh=64, bk=16, bcol=128, num_warps=8)``."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(Blocks)}
+    if unknown:
+        raise ValueError(f"forward_tiles: unknown Blocks fields {sorted(unknown)}")
+    if mode not in ("window", "hca", "csa"):
+        raise ValueError(f"forward_tiles: mode must be window, hca or csa, got {mode!r}")
+    saved = _FWD_TILES.get(mode)
+    _FWD_TILES[mode] = fields
+    try:
+        yield
+    finally:
+        if saved is None:
+            del _FWD_TILES[mode]
+        else:
+            _FWD_TILES[mode] = saved
+
+
+def _forward_blocks(mode: str, H: int, D: int) -> Blocks:
+    blk = dataclasses.replace(choose_blocks(mode, H, D), **_FWD_TILES.get(mode, {}))
+    ok = (blk.Hp % blk.bh == 0 and blk.bh & (blk.bh - 1) == 0 and (blk.bq == 1 or mode != "csa")
+          and (blk.bcol == 0 or (blk.Dp % blk.bcol == 0 and blk.bcol >= 16)))
+    if not ok:
+        raise ValueError(f"forward tiles for {mode} at H={H}, D={D}: {blk} is not a tiling (bh must be a power "
+                         f"of 2 dividing the padded heads {blk.Hp}, bcol 0 or >= 16 dividing the padded width "
+                         f"{blk.Dp}, bq 1 for csa)")
+    return blk
 
 
 def choose_blocks(mode: str, H: int, D: int) -> Blocks:
@@ -163,7 +203,7 @@ def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body
         entries_of = rows_of
     else:
         rows_of = lambda ref, rows: _key_blocks(ref, rows, cols)
-        entries_of = lambda ref, rows: _entry_blocks(ref, rows, cols)
+        entries_of = (lambda ref, rows: _entry_blocks(ref, rows, cols)) if isinstance(ckv_ref, tuple) else rows_of
 
     def window_tile(w, carry):
         p = t0 - W + 1 + w * bk + jnp.arange(bk)          # key positions
@@ -229,16 +269,18 @@ def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split, n_ckv):
     t0 = q_start + i * bq
     t_row = _pos_rows(t0 + jnp.arange(bq), bq, bh)
     sink_row = _head_rows(sink_ref[hb * bh + jnp.arange(bh)], bq, bh)
-    # FP8 entries: everything in 64-wide column blocks (scores summed over blocks, one
-    # accumulator per block), so that a key tile is decoded block by block
+    # In column blocks (scores summed over blocks, one accumulator per block): FP8 entries in
+    # 64-wide ones, so that a key tile is decoded block by block; else ``blk.bcol`` wide
     fp8 = isinstance(ckv_ref, tuple)
-    cols = tuple((lo, FP8_BLOCK) for lo in range(0, Dp, FP8_BLOCK)) if fp8 else ((0, Dp),)
+    width = FP8_BLOCK if fp8 else (blk.bcol or Dp)
+    cols = tuple((lo, width) for lo in range(0, Dp, width))
+    blocked = fp8 or len(cols) > 1
     qs = tuple(q_ref[:, :, pl.ds(lo, w)].reshape(M, w) for lo, w in cols)
     prec = _precision(qs[0].dtype)
 
     def body(carry, keys, valid, _):
         m, l, acc = carry
-        keys = keys if fp8 else (keys,)
+        keys = keys if blocked else (keys,)
         qk = None
         for qb, kb in zip(qs, keys):
             d = _dot(qb, kb, prec, trans_b=True)
@@ -258,7 +300,7 @@ def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split, n_ckv):
     carry = (m0, l0, tuple(jnp.zeros((M, w), jnp.float32) for _, w in cols))
     m, l, acc = _key_loops(spec, blk, t0=t0, t_row=t_row, kv_start=kv_start, T=T, N=N, Kp=Kp,
                            split=split, n_split=n_split, body=body, carry=carry,
-                           kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref, cols=cols if fp8 else None)
+                           kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref, cols=cols if blocked else None)
     l_safe = jnp.where(l > 0, l, 1.0)
     for (lo, w), a in zip(cols, acc):
         o_ref[:, :, pl.ds(lo, w)] = (a / l_safe[:, None]).reshape(bq, bh, w).astype(o_ref.dtype)
@@ -308,7 +350,7 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
     """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32). ckv may be ``Fp8Entries`` (decoded per
     key tile; the backward kernels take arrays only)."""
     B, S, H, D = q.shape
-    blk = choose_blocks(spec.mode, H, D)
+    blk = _forward_blocks(spec.mode, H, D)
     if isinstance(ckv, Fp8Entries):
         # 16 query rows per program: with the per-block accumulators and decoding, 32 rows at
         # D=512 spill registers on sm_90 (checked offline, see test_triton_sm90_compile.py)

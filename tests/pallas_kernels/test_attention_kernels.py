@@ -11,6 +11,7 @@ at V4-Flash shapes.
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -377,15 +378,16 @@ def test_fp8_decode_lowers_for_gpu_as_one_kernel(mode):
 
 @pytest.mark.slow
 def test_benchmark_smoke_runs():
-    """benchmarks/attention.py --smoke --breakdown (interpret mode) prints every row, with no error
-    note, and the backward kernels one by one: the script the GPU sessions run keeps working."""
+    """benchmarks/attention.py --smoke --breakdown --fwd-tiles (interpret mode) prints every row, with
+    no error note, the backward kernels one by one and the tiled forward: the script the GPU sessions
+    run keeps working."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
-    out = subprocess.run([sys.executable, str(script), "--smoke", "--reps", "1", "--breakdown"],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--reps", "1", "--breakdown",
+                          "--fwd-tiles", "csa:bh=4,bk=8,bcol=32"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()
             if line.split()[:1] in (["csa"], ["hca"], ["window"], ["index"])]
@@ -393,5 +395,43 @@ def test_benchmark_smoke_runs():
     passes = {(r[0], r[3]) for r in rows if r[1] == "prefill"}
     assert passes >= {(k, p) for k in ("csa", "hca", "window") for p in ("fwd", "bwd", "dq", "dkv")}
     assert ("hca", "dckv") in passes and ("index", "fwd") in passes, passes
+    assert [r[2] for r in rows if r[3] == "fwd+"] == ["S=64", "S=96"]  # csa's forward with --fwd-tiles
     decode = [r for r in rows if r[1] == "decode"]
     assert len(decode) == 2 * (2 + 2 + 1 + 2), decode   # csa, hca (bf16 + fp8), window, index (+ fp4)
+
+
+@pytest.mark.parametrize("mode,case,tiles", [
+    ("csa", "bf16_h16_d256", dict(bh=16, bk=8, bcol=64)),        # all heads in one program, column blocks
+    ("csa", "chunk_f32", dict(bh=2, bk=16, bcol=16, num_warps=4)),
+    ("hca", "chunk_f32", dict(bh=4, bq=3, bk=8, bcol=32)),
+    ("window", "start_h1_f32", dict(bq=5, bk=16, bcol=64)),
+])
+def test_forward_tilings_match_the_reference(mode, case, tiles):
+    """The Triton forward with other tiles than the default (``_triton.forward_tiles``, what
+    ``benchmarks/attention.py --fwd-tiles`` times): more heads per program, other key tiles, and q /
+    keys / accumulator in column blocks. The grid of the traced kernel shows the tiles were used."""
+    from pallas_kernels import _triton
+    args, kw = _make(CASES[case], mode)
+    trace = lambda: str(jax.make_jaxpr(_call(mode, pk, args, kw, backend="triton", interpret=True))(
+        args["q"], args["kv"], args["ckv"], args["sink"]))
+    default = trace()
+    with _triton.forward_tiles(mode, **tiles):
+        _check(mode, "triton", CASES[case])
+        jaxpr = trace()
+    blk = _triton.choose_blocks(mode, CASES[case]["H"], CASES[case]["D"])
+    B, S = CASES[case]["B"], CASES[case]["S"]
+    bq, bh = tiles.get("bq", blk.bq), tiles.get("bh", blk.bh)
+    grids = re.findall(r"GridMapping\(grid=\((\d+), (\d+), (\d+)[,)]", jaxpr)
+    assert grids == [(str(B), str(-(-S // bq)), str(blk.Hp // bh))], grids
+    # a matmul per column block where the default has one
+    assert jaxpr.count("dot_general") == default.count("dot_general") * blk.Dp // tiles["bcol"]
+
+
+def test_forward_tiles_are_checked():
+    from pallas_kernels import _triton
+    args, kw = _make(CASES["chunk_f32"], "csa")
+    with pytest.raises(ValueError, match="unknown Blocks fields"):
+        with _triton.forward_tiles("csa", heads=8):
+            pass
+    with pytest.raises(ValueError, match="not a tiling"), _triton.forward_tiles("csa", bcol=24):
+        _call("csa", pk, args, kw, backend="triton", interpret=True)(args["q"], args["kv"], args["ckv"], args["sink"])

@@ -105,7 +105,7 @@ def test_compiles_for_sm90_without_spills(H, D, mode, passes, tmp_path):
 
 
 def _compile_sm90(name, asm, tmp_path, *, num_warps, num_stages):
-    """Compile one Triton IR module for sm_90; return (registers, stack bytes, shared bytes)."""
+    """Compile one Triton IR module for sm_90; return (registers, stack bytes, shared bytes, PTX)."""
     from triton.backends.compiler import GPUTarget
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     path = tmp_path / f"{name}.ttir"
@@ -117,7 +117,7 @@ def _compile_sm90(name, asm, tmp_path, *, num_warps, num_stages):
                            capture_output=True, text=True, check=True).stdout
     match = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     assert match, usage
-    return int(match.group(1)), int(match.group(2)), kernel.metadata.shared
+    return int(match.group(1)), int(match.group(2)), kernel.metadata.shared, kernel.asm["ptx"]
 
 
 @pytest.mark.parametrize("keys", ["float", "fp4"])
@@ -137,7 +137,7 @@ def test_indexer_compiles_for_sm90_without_spills(S, dtype, keys, tmp_path):
     assert len(modules) == 1
     tiles = _indexer.choose_tiles("triton", S, 64, 128, dtype, fp4=keys == "fp4",
                                    decode=_indexer.use_decode_kernel("triton", S, dtype))
-    regs, stack, shared = _compile_sm90(*modules[0], tmp_path, num_warps=tiles.num_warps, num_stages=2)
+    regs, stack, shared, _ = _compile_sm90(*modules[0], tmp_path, num_warps=tiles.num_warps, num_stages=2)
     print(f"indexer S={S} {jnp.dtype(dtype).name} {keys} keys: REG:{regs} STACK:{stack} shared={shared}")
     assert stack == 0, f"indexer: register spills (REG:{regs} STACK:{stack})"
     assert shared <= 227 * 1024
@@ -156,7 +156,34 @@ def test_grouped_matmul_compiles_for_sm90_without_spills(M, dtype, tmp_path):
         jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",))
     assert len(modules) == 3
     for name, asm in modules:
-        regs, stack, shared = _compile_sm90(name, asm, tmp_path, num_warps=4, num_stages=3)
+        regs, stack, shared, _ = _compile_sm90(name, asm, tmp_path, num_warps=4, num_stages=3)
         print(f"{name} M={M} {jnp.dtype(dtype).name}: REG:{regs} STACK:{stack} shared={shared}")
         assert stack == 0, f"{name}: register spills (REG:{regs} STACK:{stack})"
         assert shared <= 227 * 1024
+
+
+# a forward tiling for V4-Flash shapes (H=64, D=512) with all heads of a position in one program
+ALL_HEADS = dict(bh=64, bk=16, bcol=128, num_warps=8)
+
+
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+def test_all_heads_forward_tiles_use_wgmma(mode, tmp_path):
+    """With 64 query rows per program (``ALL_HEADS``: every head of a position, q / keys /
+    accumulator in 128-wide column blocks) the forward's matmuls compile to Hopper ``wgmma``; the
+    default 32 rows give ``mma.sync`` only. Window and HCA need no spills; CSA (which also holds its
+    top-k row indices) spills a few bytes with this Triton. On a GPU, XLA compiles the same IR with
+    its own Triton, so this is evidence, not the build that runs there; ``benchmarks/attention.py
+    --fwd-tiles`` times it."""
+    from pallas_kernels import _triton
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    for tiles, expect in ((ALL_HEADS, "wgmma.mma_async"), ({}, "mma.sync")):
+        with _triton.forward_tiles(mode, **tiles), _capture_triton_ir() as modules:
+            _lower(mode, 64, 512, decode=False)
+        name, asm = next(m for m in modules if m[0].endswith("_fwd"))
+        warps = tiles.get("num_warps", _triton.choose_blocks(mode, 64, 512).num_warps)
+        regs, stack, _, ptx = _compile_sm90(name, asm, tmp_path, num_warps=warps, num_stages=2)
+        print(f"{name} {tiles or 'default'}: REG:{regs} STACK:{stack}, wgmma {ptx.count('wgmma.mma_async')}, "
+              f"mma.sync {ptx.count('mma.sync')}")
+        assert expect in ptx and (expect == "mma.sync") == ("wgmma.mma_async" not in ptx)
+        assert stack <= (64 if mode == "csa" and tiles else 0), f"{name}: spills (REG:{regs} STACK:{stack})"
