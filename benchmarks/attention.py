@@ -25,9 +25,9 @@ dequantises them first). CSA and HCA decode rows come twice too: bf16 entries, a
 as ``--kv-cache fp8`` stores them (e4m3 + exponents + bf16 RoPE dims, decoded inside the kernel
 where the dims are whole 64-wide blocks; the reference dequantises them first).
 
-``--fwd-tiles KIND:FIELD=N,...`` (Triton, repeatable) adds a ``fwd+`` row after each prefill
-forward of that kind: the same forward with those tiles (``_triton.forward_tiles``), timed in the
-same run, e.g. ``--fwd-tiles csa:bh=64,bk=16,bcol=128,num_warps=8``.
+``--tiles KIND.KERNEL:FIELD=N,...`` (Triton, repeatable; KERNEL fwd or bwd) adds ``fwd+`` and
+``bwd+`` rows after each prefill row of that kind: the same passes with those tiles
+(``_triton.tiles``), timed in the same run, e.g. ``--tiles csa.fwd:bh=64,bk=16,bcol=128,num_warps=8``.
 
 Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
         python benchmarks/attention.py --smoke    # tiny shapes, Pallas interpret mode, any CPU
@@ -35,6 +35,7 @@ Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -292,19 +293,22 @@ def main():
     ap.add_argument("--decode-chain", type=int, default=None,
                     help="decode rows: time per call of N chained calls in one jitted loop (default 20, "
                          "smoke 2); 0 times single calls, dispatch included")
-    ap.add_argument("--fwd-tiles", action="append", default=[], metavar="KIND:FIELD=N,...",
-                    help="also time the prefill forward of KIND with these Triton tiles (fields of "
-                         "pallas_kernels._triton.Blocks: bh, bq, bk, bcol, num_warps, num_stages); repeatable")
+    ap.add_argument("--tiles", action="append", default=[], metavar="KIND.KERNEL:FIELD=N,...",
+                    help="also time KIND's prefill passes with these Triton tiles for KERNEL (fwd | bwd; fields "
+                         "of pallas_kernels._triton.Blocks, see _triton.tiles); repeatable")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_FLOPS / 1e12)
     ap.add_argument("--peak-tbps", type=float, default=H100_HBM_BYTES / 1e12)
     args = ap.parse_args()
-    tiles = {}
-    for spec in args.fwd_tiles:
-        kind, _, fields = spec.partition(":")
+    tiles = {}  # kind -> {kernel: fields}
+    for spec in args.tiles:
+        target, _, fields = spec.partition(":")
+        kind, _, kernel = target.partition(".")
         try:
-            tiles[kind] = {k: int(v) for k, v in (f.split("=") for f in fields.split(","))}
+            tiles.setdefault(kind, {})[kernel] = {k: int(v) for k, v in (f.split("=") for f in fields.split(","))}
         except ValueError:
-            ap.error(f"--fwd-tiles {spec!r}: expected KIND:FIELD=N,FIELD=N,...")
+            ap.error(f"--tiles {spec!r}: expected KIND.KERNEL:FIELD=N,FIELD=N,...")
+        if kind not in ("csa", "hca", "window") or kernel not in ("fwd", "bwd"):
+            ap.error(f"--tiles {spec!r}: KIND is csa, hca or window and KERNEL fwd or bwd")
 
     if args.smoke:
         cfg = dict(heads=4, dim=64, window=16, topk=16, ratio=8, index_heads=4, index_dim=32)
@@ -322,8 +326,9 @@ def main():
           f"HCA ratio={cfg['ratio']} bf16; floors: {args.peak_tflops:.0f} TFLOP/s, {args.peak_tbps:.2f} TB/s")
     if args.smoke:
         print("smoke run: interpret mode on tiny shapes; times and floor fractions are meaningless")
-    for kind, fields in tiles.items():
-        print(f"fwd+: the {kind} forward with tiles " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+    for kind, by_kernel in tiles.items():
+        print(f"fwd+, bwd+: {kind} with tiles " + "; ".join(
+            f"{kernel} " + ", ".join(f"{k}={v}" for k, v in fields.items()) for kernel, fields in by_kernel.items()))
     print(f"{'kind':6} {'shape':28} {'pass':4} {'kernel ms':>10} {'TFLOP/s':>8} {'%compute':>8} "
           f"{'%memory':>8} {'XLA ms':>10} {'speedup':>8}")
     key = jax.random.PRNGKey(0)
@@ -346,15 +351,19 @@ def main():
             flops_f, flops_b, bytes_f, bytes_b = _flops_bytes(kind, cfg, 1, S, S, 0, False)
             label = f"prefill S={S}"
             _row(kind, label, "fwd", t_fwd, x_fwd, flops_f, bytes_f, peak_f, peak_b, e1 or e3)
-            if kind in tiles:
-                from pallas_kernels import _triton
-                with _triton.forward_tiles(kind, **tiles[kind]):
-                    f_tiled, _ = _fwd_bwd_fns(make(pk, **extra))
-                    t_tiled, e5 = _try(f_tiled, *inputs, reps=reps)
-                _row(kind, label, "fwd+", t_tiled, x_fwd, flops_f, bytes_f, peak_f, peak_b, e5 or e3)
             diff = lambda a, b: a - b if (a and b and a > b) else None  # noisy tiny shapes: —
             t_b, x_b = diff(t_all, t_fwd), diff(x_all, x_fwd)
             _row(kind, label, "bwd", t_b, x_b, flops_b, bytes_b, peak_f, peak_b, e2 or e3)
+            if kind in tiles:
+                from pallas_kernels import _triton
+                with contextlib.ExitStack() as stack:
+                    for kernel, fields in tiles[kind].items():
+                        stack.enter_context(_triton.tiles(kind, kernel, **fields))
+                    g_fwd, g_all = _fwd_bwd_fns(make(pk, **extra))
+                    u_fwd, e5 = _try(g_fwd, *inputs, reps=reps)
+                    u_all, e6 = _try(g_all, *inputs, reps=reps)
+                _row(kind, label, "fwd+", u_fwd, x_fwd, flops_f, bytes_f, peak_f, peak_b, e5 or e3)
+                _row(kind, label, "bwd+", diff(u_all, u_fwd), x_b, flops_b, bytes_b, peak_f, peak_b, e6 or e3)
             if args.breakdown and (extra.get("backend") or jax.default_backend()) in ("triton", "gpu"):
                 for part, (t, err) in _backward_parts(kind, cfg, inputs, idx, extra, reps, key).items():
                     share = f"{t / t_b:8.1%} of bwd" if (t and t_b) else ""

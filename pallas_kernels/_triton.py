@@ -34,7 +34,10 @@ D=512, which keeps the f32 [rows, D] accumulator at 64 registers/thread with 8 w
 of 64 rows (32 for D=512; smaller in the CSA dq kernel, which also forms the dckv rows), key-major
 tiles of 32 keys x 32-64 query rows. They were chosen so that every kernel compiles for sm_90
 without register spills, checked offline by compiling the emitted Triton IR with the Triton
-compiler and ptxas (see docs/benchmarks.md).
+compiler and ptxas (see docs/benchmarks.md). At D=512 these 32-row tiles compile to ``mma.sync``
+only; 64 rows (all heads of a position) with q / keys / accumulator in 128-wide column blocks
+(``bcol``) compile to Hopper ``wgmma``: without spills for the window and HCA forward, 16 bytes
+for CSA's, 224 bytes for the dq kernels. ``tiles`` sets such tilings for a benchmark to time.
 """
 from __future__ import annotations
 
@@ -68,42 +71,47 @@ class Blocks:
     bk_dq: int  # key tile of the dq kernel (smaller for CSA at D=512: it also forms dckv rows)
     num_warps: int
     num_stages: int = 2
-    bcol: int = 0  # forward: q, keys and the accumulator in column blocks of this width (0: whole rows)
+    bcol: int = 0  # forward and dq: q (do), keys and the accumulator in column blocks of this width (0: whole rows)
 
 
-# Forward tiles other than ``choose_blocks``'s, by attention kind (set by ``forward_tiles``).
-_FWD_TILES: dict[str, dict] = {}
+# Tiles other than ``choose_blocks``'s, by (attention kind, "fwd" | "bwd"); set by ``tiles``.
+_TILES: dict[tuple[str, str], dict] = {}
 
 
 @contextlib.contextmanager
-def forward_tiles(mode: str, **fields):
-    """Forward kernels of kind ``mode`` traced inside use these ``Blocks`` fields (``bh``, ``bk``,
-    ``bcol``, ``num_warps``, ...) instead of ``choose_blocks``'s, so that ``benchmarks/attention.py
-    --fwd-tiles`` can time a tiling against the default in one run. Example, CSA at V4-Flash shapes
-    with all 64 heads in one program (the row gathered once per position; sm_90 PTX with wgmma,
-    offline): ``forward_tiles("csa", bh=64, bk=16, bcol=128, num_warps=8)``."""
+def tiles(mode: str, kernel: str, **fields):
+    """Kernels of kind ``mode`` traced inside use these ``Blocks`` fields instead of
+    ``choose_blocks``'s: ``kernel="fwd"`` the forward (``bq``, ``bh``, ``bk``, ``bcol``,
+    ``num_warps``, ``num_stages``), ``"bwd"`` the backward (the dq kernel: ``bq``, ``bh``,
+    ``bk_dq``, ``bcol``; the key-major dkv / dckv kernels: ``bkv``, ``bqk``, ``bhk``; both:
+    ``num_warps``, ``num_stages``). ``benchmarks/attention.py --tiles`` times a tiling against the
+    default in one run. Example, CSA at V4-Flash shapes with the 64 heads of a position in one
+    program (each top-k row gathered once, not twice; sm_90 PTX with wgmma, offline):
+    ``tiles("csa", "fwd", bh=64, bk=16, bcol=128, num_warps=8)``."""
     unknown = set(fields) - {f.name for f in dataclasses.fields(Blocks)}
     if unknown:
-        raise ValueError(f"forward_tiles: unknown Blocks fields {sorted(unknown)}")
-    if mode not in ("window", "hca", "csa"):
-        raise ValueError(f"forward_tiles: mode must be window, hca or csa, got {mode!r}")
-    saved = _FWD_TILES.get(mode)
-    _FWD_TILES[mode] = fields
+        raise ValueError(f"tiles: unknown Blocks fields {sorted(unknown)}")
+    if mode not in ("window", "hca", "csa") or kernel not in ("fwd", "bwd"):
+        raise ValueError(f"tiles: mode must be window, hca or csa and kernel fwd or bwd, got {mode!r}, {kernel!r}")
+    key = (mode, kernel)
+    saved = _TILES.get(key)
+    _TILES[key] = fields
     try:
         yield
     finally:
         if saved is None:
-            del _FWD_TILES[mode]
+            del _TILES[key]
         else:
-            _FWD_TILES[mode] = saved
+            _TILES[key] = saved
 
 
-def _forward_blocks(mode: str, H: int, D: int) -> Blocks:
-    blk = dataclasses.replace(choose_blocks(mode, H, D), **_FWD_TILES.get(mode, {}))
+def _tiled_blocks(mode: str, kernel: str, H: int, D: int) -> Blocks:
+    """``choose_blocks`` with the fields ``tiles`` set for this kernel."""
+    blk = dataclasses.replace(choose_blocks(mode, H, D), **_TILES.get((mode, kernel), {}))
     ok = (blk.Hp % blk.bh == 0 and blk.bh & (blk.bh - 1) == 0 and (blk.bq == 1 or mode != "csa")
           and (blk.bcol == 0 or (blk.Dp % blk.bcol == 0 and blk.bcol >= 16)))
     if not ok:
-        raise ValueError(f"forward tiles for {mode} at H={H}, D={D}: {blk} is not a tiling (bh must be a power "
+        raise ValueError(f"{kernel} tiles for {mode} at H={H}, D={D}: {blk} is not a tiling (bh must be a power "
                          f"of 2 dividing the padded heads {blk.Hp}, bcol 0 or >= 16 dividing the padded width "
                          f"{blk.Dp}, bq 1 for csa)")
     return blk
@@ -134,6 +142,15 @@ def _dot(a, b, prec, trans_a=False, trans_b=False):
     dims = (((0,) if trans_a else (1,)), ((1,) if trans_b else (0,)))
     return lax.dot_general(a, b, (dims, ((), ())), precision=prec,
                            preferred_element_type=jnp.float32)
+
+
+def _dot_sum(as_, bs, prec, **kw):
+    """sum_c _dot(as_[c], bs[c]): a matmul over column blocks (K split into blocks)."""
+    out = None
+    for a, b in zip(as_, bs):
+        d = _dot(a, b, prec, **kw)
+        out = d if out is None else out + d
+    return out
 
 
 def _precision(dtype):
@@ -281,11 +298,7 @@ def _fwd_kernel(*refs, spec, blk, T, N, Kp, n_split, n_ckv):
     def body(carry, keys, valid, _):
         m, l, acc = carry
         keys = keys if blocked else (keys,)
-        qk = None
-        for qb, kb in zip(qs, keys):
-            d = _dot(qb, kb, prec, trans_b=True)
-            qk = d if qk is None else qk + d
-        s = jnp.where(valid, qk * spec.scale, -jnp.inf)
+        s = jnp.where(valid, _dot_sum(qs, keys, prec, trans_b=True) * spec.scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -350,7 +363,7 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
     """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32). ckv may be ``Fp8Entries`` (decoded per
     key tile; the backward kernels take arrays only)."""
     B, S, H, D = q.shape
-    blk = _forward_blocks(spec.mode, H, D)
+    blk = _tiled_blocks(spec.mode, "fwd", H, D)
     if isinstance(ckv, Fp8Entries):
         # 16 query rows per program: with the per-block accumulators and decoding, 32 rows at
         # D=512 spill registers on sm_90 (checked offline, see test_triton_sm90_compile.py)
@@ -401,28 +414,34 @@ def _dq_kernel(*refs, spec, blk, T, N, Kp):
     q_start, kv_start = pos_ref[0], pos_ref[1]
     t0 = q_start + i * bq
     t_row = _pos_rows(t0 + jnp.arange(bq), bq, bh)
-    q = q_ref[...].reshape(M, Dp)
-    do = do_ref[...].reshape(M, Dp)
+    # q, do, keys and dq in column blocks of blk.bcol (scores summed over the blocks)
+    width = blk.bcol or Dp
+    cols = tuple((lo, width) for lo in range(0, Dp, width))
+    qs = tuple(q_ref[:, :, pl.ds(lo, w)].reshape(M, w) for lo, w in cols)
+    dos = tuple(do_ref[:, :, pl.ds(lo, w)].reshape(M, w) for lo, w in cols)
     lse = lse_ref[...].reshape(M)
     delta = delta_ref[...].reshape(M)
-    prec = _precision(q.dtype)
-    cols = jnp.arange(Dp)
+    prec = _precision(qs[0].dtype)
 
     def body(dq, keys, valid, csa_rows):
-        s = _dot(q, keys, prec, trans_b=True) * spec.scale
+        keys = keys if len(cols) > 1 else (keys,)
+        s = _dot_sum(qs, keys, prec, trans_b=True) * spec.scale
         p = jnp.where(valid, jnp.exp(s - lse[:, None]), 0.0)
-        ds = p * (_dot(do, keys, prec, trans_b=True) - delta[:, None])
+        dp = _dot_sum(dos, keys, prec, trans_b=True)
+        ds = p * (dp - delta[:, None])
         if csa_rows is not None:  # scatter this tile's dckv rows (row N absorbs -1 slots)
-            g = (_dot((ds * spec.scale).astype(q.dtype), q, prec, trans_a=True)
-                 + _dot(p.astype(q.dtype), do, prec, trans_a=True))
-            plgpu.atomic_add(acc_ref, (csa_rows[:, None], cols[None, :]), g)
-        return dq + _dot(ds.astype(keys.dtype), keys, prec)
+            dss, ps = (ds * spec.scale).astype(qs[0].dtype), p.astype(qs[0].dtype)
+            for (lo, w), qc, dc in zip(cols, qs, dos):
+                g = _dot(dss, qc, prec, trans_a=True) + _dot(ps, dc, prec, trans_a=True)
+                plgpu.atomic_add(acc_ref, (csa_rows[:, None], lo + jnp.arange(w)[None, :]), g)
+        return tuple(a + _dot(ds.astype(kc.dtype), kc, prec) for a, kc in zip(dq, keys))
 
     dq = _key_loops(spec, dataclasses.replace(blk, bk=blk.bk_dq), t0=t0, t_row=t_row,
                     kv_start=kv_start, T=T, N=N, Kp=Kp, split=0, n_split=1, body=body,
-                    carry=jnp.zeros((M, Dp), jnp.float32),
-                    kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref)
-    dq_ref[...] = (dq * spec.scale).reshape(bq, bh, Dp).astype(dq_ref.dtype)
+                    carry=tuple(jnp.zeros((M, w), jnp.float32) for _, w in cols),
+                    kv_ref=kv_ref, ckv_ref=ckv_ref, idx_ref=idx_ref, cols=cols if len(cols) > 1 else None)
+    for (lo, w), a in zip(cols, dq):
+        dq_ref[:, :, pl.ds(lo, w)] = (a * spec.scale).reshape(bq, bh, w).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *, spec, source,
@@ -525,7 +544,7 @@ def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do, parts=("dq",
     None: "dq" (with CSA also dckv, formed in the same kernel), "dkv" (window keys, key-major),
     "dckv" (HCA, key-major)."""
     B, S, H, D = q.shape
-    blk = choose_blocks(spec.mode, H, D)
+    blk = _tiled_blocks(spec.mode, "bwd", H, D)
     qp, kvp, ckvp, idxp, _ = _prepare(spec, blk, q, kv, ckv, topk_idx, sink)
     ckvp = None if ckvp is None else ckvp[0]   # an array: FP8 entries are forward only
     Sp, T = qp.shape[1], kv.shape[1]

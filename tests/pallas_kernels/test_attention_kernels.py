@@ -378,8 +378,8 @@ def test_fp8_decode_lowers_for_gpu_as_one_kernel(mode):
 
 @pytest.mark.slow
 def test_benchmark_smoke_runs():
-    """benchmarks/attention.py --smoke --breakdown --fwd-tiles (interpret mode) prints every row, with
-    no error note, the backward kernels one by one and the tiled forward: the script the GPU sessions
+    """benchmarks/attention.py --smoke --breakdown --tiles (interpret mode) prints every row, with no
+    error note, the backward kernels one by one and the tiled passes: the script the GPU sessions
     run keeps working."""
     import subprocess
     import sys
@@ -387,7 +387,8 @@ def test_benchmark_smoke_runs():
 
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention.py"
     out = subprocess.run([sys.executable, str(script), "--smoke", "--reps", "1", "--breakdown",
-                          "--fwd-tiles", "csa:bh=4,bk=8,bcol=32"], capture_output=True, text=True, timeout=600)
+                          "--tiles", "csa.fwd:bh=4,bk=8,bcol=32", "--tiles", "csa.bwd:bh=2,bk_dq=8,bcol=16"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()
             if line.split()[:1] in (["csa"], ["hca"], ["window"], ["index"])]
@@ -395,43 +396,62 @@ def test_benchmark_smoke_runs():
     passes = {(r[0], r[3]) for r in rows if r[1] == "prefill"}
     assert passes >= {(k, p) for k in ("csa", "hca", "window") for p in ("fwd", "bwd", "dq", "dkv")}
     assert ("hca", "dckv") in passes and ("index", "fwd") in passes, passes
-    assert [r[2] for r in rows if r[3] == "fwd+"] == ["S=64", "S=96"]  # csa's forward with --fwd-tiles
+    tiled = [(r[2], r[3]) for r in rows if r[3].endswith("+")]  # csa's passes with --tiles
+    assert tiled == [("S=64", "fwd+"), ("S=64", "bwd+"), ("S=96", "fwd+"), ("S=96", "bwd+")], tiled
     decode = [r for r in rows if r[1] == "decode"]
     assert len(decode) == 2 * (2 + 2 + 1 + 2), decode   # csa, hca (bf16 + fp8), window, index (+ fp4)
 
 
-@pytest.mark.parametrize("mode,case,tiles", [
-    ("csa", "bf16_h16_d256", dict(bh=16, bk=8, bcol=64)),        # all heads in one program, column blocks
-    ("csa", "chunk_f32", dict(bh=2, bk=16, bcol=16, num_warps=4)),
-    ("hca", "chunk_f32", dict(bh=4, bq=3, bk=8, bcol=32)),
-    ("window", "start_h1_f32", dict(bq=5, bk=16, bcol=64)),
+@pytest.mark.parametrize("mode,case,fwd,bwd", [
+    # all heads in one program, q / keys / accumulators in column blocks
+    ("csa", "bf16_h16_d256", dict(bh=16, bk=8, bcol=64), dict(bh=16, bk_dq=8, bcol=128)),
+    ("csa", "chunk_f32", dict(bh=2, bk=16, bcol=16, num_warps=4), dict(bh=4, bk_dq=4, bcol=32)),
+    ("hca", "chunk_f32", dict(bh=4, bq=3, bk=8, bcol=32), dict(bh=2, bq=5, bk_dq=16, bcol=16, bkv=8, bqk=3)),
+    ("window", "start_h1_f32", dict(bq=5, bk=16, bcol=64), dict(bq=3, bk_dq=8, bcol=32, bkv=16, bqk=7)),
 ])
-def test_forward_tilings_match_the_reference(mode, case, tiles):
-    """The Triton forward with other tiles than the default (``_triton.forward_tiles``, what
-    ``benchmarks/attention.py --fwd-tiles`` times): more heads per program, other key tiles, and q /
-    keys / accumulator in column blocks. The grid of the traced kernel shows the tiles were used."""
+def test_tilings_match_the_reference(mode, case, fwd, bwd):
+    """The Triton kernels with other tiles than the default (``_triton.tiles``, what
+    ``benchmarks/attention.py --tiles`` times): more heads per program, other key tiles, q / do /
+    keys / accumulators in column blocks, other key-major tiles; values and gradients. The traced
+    kernels' grids and matmul counts show the tiles were used."""
     from pallas_kernels import _triton
-    args, kw = _make(CASES[case], mode)
-    trace = lambda: str(jax.make_jaxpr(_call(mode, pk, args, kw, backend="triton", interpret=True))(
-        args["q"], args["kv"], args["ckv"], args["sink"]))
+    c = CASES[case]
+    args, kw = _make(c, mode)
+    blk = _triton.choose_blocks(mode, c["H"], c["D"])
+
+    def trace():
+        f = _call(mode, pk, args, kw, backend="triton", interpret=True)
+        text = str(jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](args["do"]))(
+            args["q"], args["kv"], args["ckv"], args["sink"]))
+        kernels = re.split(r"pallas_call\[", text)[1:]
+        return {re.search(r"name=(v4_\w+)", k).group(1): k for k in kernels}
+
     default = trace()
-    with _triton.forward_tiles(mode, **tiles):
-        _check(mode, "triton", CASES[case])
-        jaxpr = trace()
-    blk = _triton.choose_blocks(mode, CASES[case]["H"], CASES[case]["D"])
-    B, S = CASES[case]["B"], CASES[case]["S"]
-    bq, bh = tiles.get("bq", blk.bq), tiles.get("bh", blk.bh)
-    grids = re.findall(r"GridMapping\(grid=\((\d+), (\d+), (\d+)[,)]", jaxpr)
-    assert grids == [(str(B), str(-(-S // bq)), str(blk.Hp // bh))], grids
-    # a matmul per column block where the default has one
-    assert jaxpr.count("dot_general") == default.count("dot_general") * blk.Dp // tiles["bcol"]
+    with _triton.tiles(mode, "fwd", **fwd), _triton.tiles(mode, "bwd", **bwd):
+        _check(mode, "triton", c)
+        tiled = trace()
+    B, S = c["B"], c["S"]
+    for name, t in (("fwd", fwd), ("dq", bwd)):
+        kernel = tiled[f"v4_{mode}_attention_{name}"]
+        grid = re.search(r"GridMapping\(grid=\((\d+), (\d+), (\d+)[,)]", kernel).groups()
+        bq, bh = t.get("bq", blk.bq), t.get("bh", blk.bh)
+        assert grid == (str(B), str(-(-S // bq)), str(blk.Hp // bh)), (name, grid)
+        # a matmul per column block where the default has one
+        dots = default[f"v4_{mode}_attention_{name}"].count("dot_general") * blk.Dp // t["bcol"]
+        assert kernel.count("dot_general") == dots, name
+    if "bkv" in bwd:
+        grid = re.search(r"GridMapping\(grid=\((\d+), (\d+)", tiled["v4_window_attention_dkv"]).groups()
+        assert grid == (str(B), str(-(-(kw["q_start"] + S + 3) // bwd["bkv"]))), grid
 
 
-def test_forward_tiles_are_checked():
+def test_tiles_are_checked():
     from pallas_kernels import _triton
     args, kw = _make(CASES["chunk_f32"], "csa")
     with pytest.raises(ValueError, match="unknown Blocks fields"):
-        with _triton.forward_tiles("csa", heads=8):
+        with _triton.tiles("csa", "fwd", heads=8):
             pass
-    with pytest.raises(ValueError, match="not a tiling"), _triton.forward_tiles("csa", bcol=24):
+    with pytest.raises(ValueError, match="kernel fwd or bwd"):
+        with _triton.tiles("csa", "dq", bh=2):
+            pass
+    with pytest.raises(ValueError, match="not a tiling"), _triton.tiles("csa", "fwd", bcol=24):
         _call("csa", pk, args, kw, backend="triton", interpret=True)(args["q"], args["kv"], args["ckv"], args["sink"])

@@ -173,12 +173,12 @@ def test_all_heads_forward_tiles_use_wgmma(mode, tmp_path):
     default 32 rows give ``mma.sync`` only. Window and HCA need no spills; CSA (which also holds its
     top-k row indices) spills a few bytes with this Triton. On a GPU, XLA compiles the same IR with
     its own Triton, so this is evidence, not the build that runs there; ``benchmarks/attention.py
-    --fwd-tiles`` times it."""
+    --tiles`` times it."""
     from pallas_kernels import _triton
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     for tiles, expect in ((ALL_HEADS, "wgmma.mma_async"), ({}, "mma.sync")):
-        with _triton.forward_tiles(mode, **tiles), _capture_triton_ir() as modules:
+        with _triton.tiles(mode, "fwd", **tiles), _capture_triton_ir() as modules:
             _lower(mode, 64, 512, decode=False)
         name, asm = next(m for m in modules if m[0].endswith("_fwd"))
         warps = tiles.get("num_warps", _triton.choose_blocks(mode, 64, 512).num_warps)
