@@ -37,7 +37,8 @@ without register spills, checked offline by compiling the emitted Triton IR with
 compiler and ptxas (see docs/benchmarks.md). At D=512 these 32-row tiles compile to ``mma.sync``
 only; 64 rows (all heads of a position) with q / keys / accumulator in 128-wide column blocks
 (``bcol``) compile to Hopper ``wgmma``: without spills for the window and HCA forward, 16 bytes
-for CSA's, 224 bytes for the dq kernels. ``tiles`` sets such tilings for a benchmark to time.
+for CSA's, 224 bytes for the dq kernels; the key-major kernels' sums with 64 keys and 16 query
+rows per step, no spills. ``tiles`` sets such tilings for a benchmark to time.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class Blocks:
     bk_dq: int  # key tile of the dq kernel (smaller for CSA at D=512: it also forms dckv rows)
     num_warps: int
     num_stages: int = 2
-    bcol: int = 0  # forward and dq: q (do), keys and the accumulator in column blocks of this width (0: whole rows)
+    bcol: int = 0  # q (do), keys and the accumulators in column blocks of this width (0: whole rows)
 
 
 # Tiles other than ``choose_blocks``'s, by (attention kind, "fwd" | "bwd"); set by ``tiles``.
@@ -83,7 +84,7 @@ def tiles(mode: str, kernel: str, **fields):
     """Kernels of kind ``mode`` traced inside use these ``Blocks`` fields instead of
     ``choose_blocks``'s: ``kernel="fwd"`` the forward (``bq``, ``bh``, ``bk``, ``bcol``,
     ``num_warps``, ``num_stages``), ``"bwd"`` the backward (the dq kernel: ``bq``, ``bh``,
-    ``bk_dq``, ``bcol``; the key-major dkv / dckv kernels: ``bkv``, ``bqk``, ``bhk``; both:
+    ``bk_dq``; the key-major dkv / dckv kernels: ``bkv``, ``bqk``, ``bhk``; both: ``bcol``,
     ``num_warps``, ``num_stages``). ``benchmarks/attention.py --tiles`` times a tiling against the
     default in one run. Example, CSA at V4-Flash shapes with the 64 heads of a position in one
     program (each top-k row gathered once, not twice; sm_90 PTX with wgmma, offline):
@@ -456,8 +457,11 @@ def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *,
     kb = pl.program_id(1)
     q_start, kv_start = pos_ref[0], pos_ref[1]
     j = kb * bkv + jnp.arange(bkv)
-    keys = _gather_rows(src_ref, jnp.minimum(j, R - 1), Dp)
-    prec = _precision(keys.dtype)
+    # keys, q, do and the accumulator in column blocks of blk.bcol
+    width = blk.bcol or Dp
+    cols = tuple((lo, width) for lo in range(0, Dp, width))
+    keys = _key_blocks(src_ref, jnp.minimum(j, R - 1), cols)
+    prec = _precision(keys[0].dtype)
     if source == "window":  # positions p see queries p ... p+window-1
         p0 = kv_start + kb * bkv
         s_lo = jnp.maximum(p0 - q_start, 0)
@@ -476,7 +480,7 @@ def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *,
         s_idx = s_lo + lax.div(it, n_hb) * bqk + jnp.arange(bqk)   # query positions (relative)
         h = lax.rem(it, n_hb) * bhk + jnp.arange(bhk)
         rows = (jnp.minimum(s_idx, Sp - 1)[:, None] * Hp + h[None, :]).reshape(Mk)
-        qr, dor = _gather_rows(q_ref, rows, Dp), _gather_rows(do_ref, rows, Dp)
+        qr, dor = _key_blocks(q_ref, rows, cols), _key_blocks(do_ref, rows, cols)
         lse, delta = lse_ref[rows], delta_ref[rows]
         t = _pos_rows(q_start + s_idx, bqk, bhk)[:, None]
         ok = _pos_rows(s_idx < S, bqk, bhk)[:, None] & (j < R)[None, :]
@@ -485,13 +489,15 @@ def _dkv_kernel(pos_ref, q_ref, src_ref, do_ref, lse_ref, delta_ref, out_ref, *,
             ok = ok & (pk <= t) & (pk > t - spec.window)
         else:
             ok = ok & ((j[None, :] + 1) * spec.ratio <= t + 1)
-        p = jnp.where(ok, jnp.exp(_dot(qr, keys, prec, trans_b=True) * spec.scale - lse[:, None]), 0.0)
-        ds = p * (_dot(dor, keys, prec, trans_b=True) - delta[:, None]) * spec.scale
-        acc = acc + _dot(ds.astype(qr.dtype), qr, prec, trans_a=True)
-        return acc + _dot(p.astype(qr.dtype), dor, prec, trans_a=True)
+        p = jnp.where(ok, jnp.exp(_dot_sum(qr, keys, prec, trans_b=True) * spec.scale - lse[:, None]), 0.0)
+        ds = (p * (_dot_sum(dor, keys, prec, trans_b=True) - delta[:, None]) * spec.scale).astype(qr[0].dtype)
+        p = p.astype(qr[0].dtype)
+        return tuple(a + _dot(ds, qc, prec, trans_a=True) + _dot(p, dc, prec, trans_a=True)
+                     for a, qc, dc in zip(acc, qr, dor))
 
-    acc = lax.fori_loop(0, n_steps, step, jnp.zeros((bkv, Dp), jnp.float32))
-    out_ref[...] = acc.astype(out_ref.dtype)
+    acc = lax.fori_loop(0, n_steps, step, tuple(jnp.zeros((bkv, w), jnp.float32) for _, w in cols))
+    for (lo, w), a in zip(cols, acc):
+        out_ref[:, pl.ds(lo, w)] = a.astype(out_ref.dtype)
 
 
 def _choose_key_splits(source, spec, blk, B, S, R):

@@ -412,7 +412,8 @@ def test_benchmark_smoke_runs():
 def test_tilings_match_the_reference(mode, case, fwd, bwd):
     """The Triton kernels with other tiles than the default (``_triton.tiles``, what
     ``benchmarks/attention.py --tiles`` times): more heads per program, other key tiles, q / do /
-    keys / accumulators in column blocks, other key-major tiles; values and gradients. The traced
+    keys / accumulators in column blocks (forward, dq and the key-major dkv), other key-major tiles;
+    values and gradients. The traced
     kernels' grids and matmul counts show the tiles were used."""
     from pallas_kernels import _triton
     c = CASES[case]
@@ -431,14 +432,15 @@ def test_tilings_match_the_reference(mode, case, fwd, bwd):
         _check(mode, "triton", c)
         tiled = trace()
     B, S = c["B"], c["S"]
-    for name, t in (("fwd", fwd), ("dq", bwd)):
-        kernel = tiled[f"v4_{mode}_attention_{name}"]
-        grid = re.search(r"GridMapping\(grid=\((\d+), (\d+), (\d+)[,)]", kernel).groups()
-        bq, bh = t.get("bq", blk.bq), t.get("bh", blk.bh)
-        assert grid == (str(B), str(-(-S // bq)), str(blk.Hp // bh)), (name, grid)
+    for name, t in (("fwd", fwd), ("dq", bwd), ("dkv", bwd)):
+        kernel = tiled[f"v4_{mode if name != 'dkv' else 'window'}_attention_{name}"]
+        if name != "dkv":
+            grid = re.search(r"GridMapping\(grid=\((\d+), (\d+), (\d+)[,)]", kernel).groups()
+            bq, bh = t.get("bq", blk.bq), t.get("bh", blk.bh)
+            assert grid == (str(B), str(-(-S // bq)), str(blk.Hp // bh)), (name, grid)
         # a matmul per column block where the default has one
-        dots = default[f"v4_{mode}_attention_{name}"].count("dot_general") * blk.Dp // t["bcol"]
-        assert kernel.count("dot_general") == dots, name
+        dots = default[f"v4_{mode if name != 'dkv' else 'window'}_attention_{name}"].count("dot_general")
+        assert kernel.count("dot_general") == dots * blk.Dp // t["bcol"], name
     if "bkv" in bwd:
         grid = re.search(r"GridMapping\(grid=\((\d+), (\d+)", tiled["v4_window_attention_dkv"]).groups()
         assert grid == (str(B), str(-(-(kw["q_start"] + S + 3) // bwd["bkv"]))), grid
