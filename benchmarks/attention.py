@@ -293,6 +293,11 @@ def main():
     ap.add_argument("--decode-chain", type=int, default=None,
                     help="decode rows: time per call of N chained calls in one jitted loop (default 20, "
                          "smoke 2); 0 times single calls, dispatch included")
+    ap.add_argument("--prefill", default=None, metavar="S,S,...",
+                    help="prefill lengths (default 4096,16384,65536; smoke 64,96); empty: no prefill rows")
+    ap.add_argument("--decode", default=None, metavar="B:CTX,...",
+                    help="decode batch:context pairs (default 1,8,64 x 16K,128K,1M; smoke 1:256,2:512); "
+                         "empty: no decode rows")
     ap.add_argument("--tiles", action="append", default=[], metavar="KIND.KERNEL:FIELD=N,...",
                     help="also time KIND's prefill passes with these Triton tiles for KERNEL (fwd | bwd; fields "
                          "of pallas_kernels._triton.Blocks, see _triton.tiles); repeatable")
@@ -319,6 +324,14 @@ def main():
         prefill = [4096, 16384, 65536]
         decode = [(b, c) for b in (1, 8, 64) for c in (16384, 131072, 1 << 20)]
         extra, reps = dict(backend=args.backend), args.reps or 10
+    try:
+        if args.prefill is not None:
+            prefill = [int(x) for x in args.prefill.split(",") if x]
+        if args.decode is not None:
+            decode = [tuple(int(v) for v in x.split(":")) for x in args.decode.split(",") if x]
+            assert all(len(d) == 2 for d in decode)
+    except (ValueError, AssertionError):
+        ap.error(f"--prefill {args.prefill!r} / --decode {args.decode!r}: expected S,S,... / B:CTX,B:CTX,...")
     chain = args.decode_chain if args.decode_chain is not None else (2 if args.smoke else 20)
     peak_f, peak_b = args.peak_tflops * 1e12, args.peak_tbps * 1e12
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "

@@ -9,7 +9,8 @@
 #                kernels' interpret-mode cases are left to CPU CI); default tests/pallas_kernels
 #                tests/model (about 6 s per compiled case: give a file or -k to fit 10 minutes)
 #     attention [ARGS]  benchmarks/attention.py (V4-Flash shapes, kernels vs the XLA references; the
-#                full table took 9 min on an H100: split it, e.g. --kinds csa,hca then --kinds window,indexer)
+#                full table took 9 min on an H100: split it, e.g. --kinds csa,hca then --kinds window,indexer;
+#                --prefill / --decode pick rows, --tiles times other Triton tiles beside the defaults)
 #     moe [ARGS]   benchmarks/moe.py (grouped matmul vs ragged_dot)
 #     head [ARGS]  benchmarks/head.py (the loss's head per train.head_precision)
 #     train [KEY=VALUE ...]  configs/small.yaml (with those overrides) for TRAIN_STEPS steps (default 30):
