@@ -79,6 +79,8 @@ EOF
       [[ -n "${SMOKE:-}" ]] && cfg=configs/tiny.yaml
       work=${TRAIN_DIR:-/tmp/v4jax-gpu-train}   # the final checkpoint stays outside $OUT (GBs)
       rm -rf "$work"
+      # a second call on the same (warm) machine loads the compiled step instead of compiling it again
+      export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/v4jax-xla-cache}
       # not --quiet: the log shows the phases ("compiling the training step ...", "compiled ... in N s");
       # a run stopped by TRAIN_TIMEOUT (seconds) prints where it was (faulthandler on SIGABRT)
       PYTHONFAULTHANDLER=1 timeout -s ABRT "${TRAIN_TIMEOUT:-560}" python train.py --config "$cfg" \
