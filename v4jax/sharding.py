@@ -127,16 +127,13 @@ def check_batch(global_batch: int, mesh_axes, grad_accum: int = 1):
     """Rows of a batch are split over BATCH_AXES, and with ``train.grad_accum`` into microbatches: the
     global batch must be a multiple of their product. ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""
     shape = dict(mesh_axes)
-    sizes = [shape[a] for a in BATCH_AXES]
-    names = "data×fsdp×expert"
-    if grad_accum > 1:
-        sizes, names = sizes + [grad_accum], "mesh " + names + " × train.grad_accum"
-    else:
-        names = "mesh " + names
+    accum = grad_accum > 1
+    sizes = [shape[a] for a in BATCH_AXES] + ([grad_accum] if accum else [])
+    names = "mesh data×fsdp×expert" + (" × train.grad_accum" if accum else "")
     if global_batch % math.prod(sizes):
         raise ConfigError(f"data.global_batch={global_batch} must be a multiple of {names} = "
                           f"{'×'.join(map(str, sizes))} = {math.prod(sizes)} (batch rows are split over those "
-                          "mesh axes" + (" and into the microbatches" if grad_accum > 1 else "") + ")")
+                          "mesh axes" + (" and into the microbatches" if accum else "") + ")")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
