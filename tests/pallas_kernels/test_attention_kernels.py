@@ -408,6 +408,10 @@ def test_benchmark_smoke_runs():
     ("csa", "chunk_f32", dict(bh=2, bk=16, bcol=16, num_warps=4), dict(bh=4, bk_dq=4, bcol=32)),
     ("hca", "chunk_f32", dict(bh=4, bq=3, bk=8, bcol=32), dict(bh=2, bq=5, bk_dq=16, bcol=16, bkv=8, bqk=3)),
     ("window", "start_h1_f32", dict(bq=5, bk=16, bcol=64), dict(bq=3, bk_dq=8, bcol=32, bkv=16, bqk=7)),
+    # the 64-row tilings of docs/benchmarks.md at V4-Flash head shapes
+    *(pytest.param(mode, "v4_heads_bf16", dict(bh=64, bk=16, bcol=128, num_warps=8),
+                   dict(bh=64, bk_dq=16, bcol=128, bkv=64, bqk=1, bhk=16), marks=pytest.mark.slow)
+      for mode in ("csa", "hca")),
 ])
 def test_tilings_match_the_reference(mode, case, fwd, bwd):
     """The Triton kernels with other tiles than the default (``_triton.tiles``, what
@@ -416,7 +420,7 @@ def test_tilings_match_the_reference(mode, case, fwd, bwd):
     values and gradients. The traced
     kernels' grids and matmul counts show the tiles were used."""
     from pallas_kernels import _triton
-    c = CASES[case]
+    c = {**CASES, **SLOW_CASES}[case]
     args, kw = _make(c, mode)
     blk = _triton.choose_blocks(mode, c["H"], c["D"])
 
