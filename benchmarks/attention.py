@@ -26,7 +26,8 @@ as ``--kv-cache fp8`` stores them (e4m3 + exponents + bf16 RoPE dims, decoded in
 where the dims are whole 64-wide blocks; the reference dequantises them first).
 
 ``--tiles KIND.KERNEL:FIELD=N,...`` (Triton, repeatable; KERNEL fwd or bwd) adds ``fwd+`` and
-``bwd+`` rows after each prefill row of that kind: the same passes with those tiles
+``bwd+`` rows after each prefill row of that kind, and ``fwd+`` after its bf16 decode rows (fwd
+tiles; FP8 entries keep 16 heads per program): the same passes with those tiles
 (``_triton.tiles``), timed in the same run, e.g. ``--tiles csa.fwd:bh=64,bk=16,bcol=128,num_warps=8``.
 
 Usage:  python benchmarks/attention.py            # on a GPU/TPU (full table)
@@ -389,6 +390,11 @@ def main():
             flops_f, _, bytes_f, _ = _flops_bytes(kind, cfg, B, 1, ctx, ctx - 1, True)
             _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
                  e1 or e2)
+            if "fwd" in tiles.get(kind, {}):
+                from pallas_kernels import _triton
+                with _triton.tiles(kind, "fwd", **tiles[kind]["fwd"]):
+                    u_k, e5 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps, chain=chain)
+                _row(kind, f"decode B={B} ctx={ctx}", "fwd+", u_k, t_x, flops_f, bytes_f, peak_f, peak_b, e5 or e2)
             if kind == "window":
                 continue
             # the same with the entries as --kv-cache fp8 holds them (reference: dequantise first)

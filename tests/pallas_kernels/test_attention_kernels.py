@@ -396,10 +396,12 @@ def test_benchmark_smoke_runs():
     passes = {(r[0], r[3]) for r in rows if r[1] == "prefill"}
     assert passes >= {(k, p) for k in ("csa", "hca", "window") for p in ("fwd", "bwd", "dq", "dkv")}
     assert ("hca", "dckv") in passes and ("index", "fwd") in passes, passes
-    tiled = [(r[2], r[3]) for r in rows if r[3].endswith("+")]  # csa's passes with --tiles
+    # csa with --tiles: fwd+ / bwd+ after each prefill row, fwd+ after each bf16 decode row
+    tiled = [(r[2], r[3]) for r in rows if r[1] == "prefill" and r[3].endswith("+")]
     assert tiled == [("S=64", "fwd+"), ("S=64", "bwd+"), ("S=96", "fwd+"), ("S=96", "bwd+")], tiled
+    assert [r[2] for r in rows if r[1] == "decode" and r[4] == "fwd+"] == ["B=1", "B=2"]
     decode = [r for r in rows if r[1] == "decode"]
-    assert len(decode) == 2 * (2 + 2 + 1 + 2), decode   # csa, hca (bf16 + fp8), window, index (+ fp4)
+    assert len(decode) == 2 * (3 + 2 + 1 + 2), decode   # csa (bf16, tiled, fp8), hca (bf16 + fp8), window, index (+ fp4)
 
 
 @pytest.mark.parametrize("mode,case,fwd,bwd", [
