@@ -90,7 +90,7 @@ EOF
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 for r in rows:
-    print({k: r.get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s", "mfu", "compile_s")})
+    print({k: r.get(k) for k in ("step", "loss", "tokens_per_s", "step_time_s", "mfu", "compile_s", "step_memory_gib")})
 EOF
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -309,6 +309,19 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_out_of_memory_names_the_settings_that_lower_it():
+    from v4jax.config import TrainConfig
+    from v4jax.trainer import out_of_memory
+    err = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 91.27GiB.\nmore")
+    e = out_of_memory(err, TrainConfig(grad_accum=2), "running")
+    assert isinstance(e, ConfigError)
+    assert str(e).startswith("out of device memory running the training step (RESOURCE_EXHAUSTED: Out of "
+                             "memory while trying to allocate 91.27GiB.). Less memory per device: raise "
+                             "train.grad_accum (now 2;")
+    assert "train.remat=true" in str(e) and "train.remat" not in str(out_of_memory(err, TrainConfig(remat=True), "x"))
+    assert out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes"), TrainConfig(), "compiling") is None
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="train.stepz"):
         load_config(TINY, ["train.stepz=3"])
@@ -366,6 +379,7 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
             assert np.isfinite(r[k]), (k, r)
     # the compilation is timed apart, once, and not in the first row's step time
     assert straight[0]["compile_s"] > straight[0]["step_time_s"] > 0
+    assert 0 < straight[0]["step_memory_gib"] < 8  # XLA's buffer assignment for the step, per device
     assert not any("compile_s" in r for r in straight[1:])
     assert any((tmp_path / "a" / "tb").iterdir())
 

@@ -83,6 +83,32 @@ class _Stop:
             signal.signal(s, h)
 
 
+def step_memory_bytes(compiled) -> int | None:
+    """Device memory the compiled step needs per device (XLA's buffer assignment: arguments,
+    outputs not aliased to them, temporaries), or None where the backend does not say."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                   + m.temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - an optional statistic
+        return None
+
+
+def out_of_memory(error: BaseException, tcfg, what: str) -> ConfigError | None:
+    """A ConfigError naming the settings that lower the step's memory, when ``error`` is XLA's
+    out-of-memory error (``what``: "compiling" | "running"); else None."""
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        return None
+    first = text.strip().splitlines()[0][:300]
+    return ConfigError(
+        f"out of device memory {what} the training step ({first}). Less memory per device: raise "
+        f"train.grad_accum (now {tcfg.grad_accum}; activations scale with data.global_batch / grad_accum)"
+        + ("" if tcfg.remat else ", set train.remat=true")
+        + ", lower data.seq_len or data.global_batch, or spread the model over more devices (mesh.fsdp, "
+          "mesh.expert)")
+
+
 def _check_same_model(saved: dict, cfg: Config):
     now = cfg.to_dict()
     diff = sorted(k for k in set(saved.get("model", {})) | set(now["model"])
@@ -192,13 +218,21 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
                     if progress and is_main:
                         tqdm.write("compiling the training step ...")
                     t = time.perf_counter()
-                    compiled = step_fn.lower(state, batch).compile()
+                    try:
+                        compiled = step_fn.lower(state, batch).compile()
+                    except Exception as e:
+                        raise (out_of_memory(e, tcfg, "compiling") or e) from e
                     compile_s = time.perf_counter() - t
+                    step_mem = step_memory_bytes(compiled)
                     if progress and is_main:
-                        tqdm.write(f"compiled the training step in {compile_s:.1f} s")
+                        mem = f", {step_mem / 2**30:.2f} GiB of device memory per device" if step_mem else ""
+                        tqdm.write(f"compiled the training step in {compile_s:.1f} s{mem}")
                     t_last, steps_since = time.perf_counter(), 0
                     bar.unpause()  # its rate excludes the compilation too
-                state, metrics = compiled(state, batch)
+                try:
+                    state, metrics = compiled(state, batch)
+                except Exception as e:
+                    raise (out_of_memory(e, tcfg, "running") or e) from e
             step += 1
             steps_since += 1
             bar.update(1)
@@ -214,6 +248,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
                 row["mfu"] = flops_per_token * row["tokens_per_s"] / (peak * jax.device_count()) if peak else None
                 if compile_s is not None:  # the first logged row of this process
                     row["compile_s"], compile_s = compile_s, None
+                    row["step_memory_gib"] = step_mem / 2**30 if step_mem else None
                 logged.append(row)
                 if is_main:
                     with open(metrics_path, "a") as f:
