@@ -315,7 +315,7 @@ def test_out_of_memory_names_the_settings_that_lower_it():
     err = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 91.27GiB.\nmore")
     e = out_of_memory(err, TrainConfig(grad_accum=2), "running")
     assert isinstance(e, ConfigError)
-    assert str(e).startswith("out of device memory running the training step (RESOURCE_EXHAUSTED: Out of "
+    assert str(e).startswith("out of device memory while running the training step (RESOURCE_EXHAUSTED: Out of "
                              "memory while trying to allocate 91.27GiB.). Less memory per device: raise "
                              "train.grad_accum (now 2;")
     assert "train.remat=true" in str(e) and "train.remat" not in str(out_of_memory(err, TrainConfig(remat=True), "x"))

@@ -102,7 +102,7 @@ def out_of_memory(error: BaseException, tcfg, what: str) -> ConfigError | None:
         return None
     first = text.strip().splitlines()[0][:300]
     return ConfigError(
-        f"out of device memory {what} the training step ({first}). Less memory per device: raise "
+        f"out of device memory while {what} the training step ({first}). Less memory per device: raise "
         f"train.grad_accum (now {tcfg.grad_accum}; activations scale with data.global_batch / grad_accum)"
         + ("" if tcfg.remat else ", set train.remat=true")
         + ", lower data.seq_len or data.global_batch, or spread the model over more devices (mesh.fsdp, "
