@@ -320,6 +320,13 @@ def test_out_of_memory_names_the_settings_that_lower_it():
                              "train.grad_accum (now 2;")
     assert "train.remat=true" in str(e) and "train.remat" not in str(out_of_memory(err, TrainConfig(remat=True), "x"))
     assert out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes"), TrainConfig(), "compiling") is None
+    # how the trainer wraps compiling and running the step
+    from v4jax.trainer import _explain_oom
+    with pytest.raises(ConfigError, match="while compiling") as info, _explain_oom(TrainConfig(), "compiling"):
+        raise err
+    assert info.value.__cause__ is err
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"), _explain_oom(TrainConfig(), "running"):
+        raise RuntimeError("INVALID_ARGUMENT: shapes")
 
 
 def test_config_errors_name_the_key(tmp_path):

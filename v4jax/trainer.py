@@ -7,6 +7,7 @@ uninterrupted run would (same batches, same optimizer state, same gate biases).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -107,6 +108,18 @@ def out_of_memory(error: BaseException, tcfg, what: str) -> ConfigError | None:
         + ("" if tcfg.remat else ", set train.remat=true")
         + ", lower data.seq_len or data.global_batch, or spread the model over more devices (mesh.fsdp, "
           "mesh.expert)")
+
+
+@contextlib.contextmanager
+def _explain_oom(tcfg, what: str):
+    """Re-raise XLA's out-of-memory error as ``out_of_memory``'s ConfigError; other errors pass."""
+    try:
+        yield
+    except Exception as e:
+        oom = out_of_memory(e, tcfg, what)
+        if oom is None:
+            raise
+        raise oom from e
 
 
 def _check_same_model(saved: dict, cfg: Config):
@@ -218,10 +231,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
                     if progress and is_main:
                         tqdm.write("compiling the training step ...")
                     t = time.perf_counter()
-                    try:
+                    with _explain_oom(tcfg, "compiling"):
                         compiled = step_fn.lower(state, batch).compile()
-                    except Exception as e:
-                        raise (out_of_memory(e, tcfg, "compiling") or e) from e
                     compile_s = time.perf_counter() - t
                     step_mem = step_memory_bytes(compiled)
                     if progress and is_main:
@@ -229,10 +240,8 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
                         tqdm.write(f"compiled the training step in {compile_s:.1f} s{mem}")
                     t_last, steps_since = time.perf_counter(), 0
                     bar.unpause()  # its rate excludes the compilation too
-                try:
+                with _explain_oom(tcfg, "running"):
                     state, metrics = compiled(state, batch)
-                except Exception as e:
-                    raise (out_of_memory(e, tcfg, "running") or e) from e
             step += 1
             steps_since += 1
             bar.update(1)
