@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from pallas_kernels import _triton
 from pallas_kernels import reference as ref
 
 H100_BF16_FLOPS = 740e12   # dense bf16 matmul peak used as the compute floor
@@ -139,7 +140,7 @@ def _prefill_case(kind, cfg, S, key):
 def _backward_parts(kind, cfg, inputs, idx, extra, reps, key):
     """{kernel: (seconds, error)} of each Triton backward kernel alone for a prefill case: "dq" (with
     CSA also the dckv atomics), "dkv" (window keys, key-major), "dckv" (HCA, key-major)."""
-    from pallas_kernels import _core, _triton
+    from pallas_kernels import _core
     q, kv, ckv, sink = inputs
     spec = _core.Spec(mode=kind, window=cfg["window"], ratio=cfg["ratio"] if kind == "hca" else 0,
                       scale=q.shape[-1] ** -0.5, backend="triton", interpret=bool(extra.get("interpret")))
@@ -300,7 +301,7 @@ def main():
                     help="decode batch:context pairs (default 1,8,64 x 16K,128K,1M; smoke 1:256,2:512); "
                          "empty: no decode rows")
     ap.add_argument("--tiles", action="append", default=[], metavar="KIND.KERNEL:FIELD=N,...",
-                    help="also time KIND's prefill passes with these Triton tiles for KERNEL (fwd | bwd; fields "
+                    help="also time KIND's prefill passes (and bf16 decode, fwd tiles) with these Triton tiles for KERNEL (fwd | bwd; fields "
                          "of pallas_kernels._triton.Blocks, see _triton.tiles); repeatable")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_FLOPS / 1e12)
     ap.add_argument("--peak-tbps", type=float, default=H100_HBM_BYTES / 1e12)
@@ -330,8 +331,9 @@ def main():
             prefill = [int(x) for x in args.prefill.split(",") if x]
         if args.decode is not None:
             decode = [tuple(int(v) for v in x.split(":")) for x in args.decode.split(",") if x]
-            assert all(len(d) == 2 for d in decode)
-    except (ValueError, AssertionError):
+            if any(len(d) != 2 for d in decode):
+                raise ValueError(args.decode)
+    except ValueError:
         ap.error(f"--prefill {args.prefill!r} / --decode {args.decode!r}: expected S,S,... / B:CTX,B:CTX,...")
     chain = args.decode_chain if args.decode_chain is not None else (2 if args.smoke else 20)
     peak_f, peak_b = args.peak_tflops * 1e12, args.peak_tbps * 1e12
@@ -369,7 +371,6 @@ def main():
             t_b, x_b = diff(t_all, t_fwd), diff(x_all, x_fwd)
             _row(kind, label, "bwd", t_b, x_b, flops_b, bytes_b, peak_f, peak_b, e2 or e3)
             if kind in tiles:
-                from pallas_kernels import _triton
                 with contextlib.ExitStack() as stack:
                     for kernel, fields in tiles[kind].items():
                         stack.enter_context(_triton.tiles(kind, kernel, **fields))
@@ -391,7 +392,6 @@ def main():
             _row(kind, f"decode B={B} ctx={ctx}", "fwd", t_k, t_x, flops_f, bytes_f, peak_f, peak_b,
                  e1 or e2)
             if "fwd" in tiles.get(kind, {}):
-                from pallas_kernels import _triton
                 with _triton.tiles(kind, "fwd", **tiles[kind]["fwd"]):
                     u_k, e5 = _try(jax.jit(kernel(**extra)), *inputs, reps=reps, chain=chain)
                 _row(kind, f"decode B={B} ctx={ctx}", "fwd+", u_k, t_x, flops_f, bytes_f, peak_f, peak_b, e5 or e2)
