@@ -17,6 +17,7 @@ here in plain JAX; dq / dkv / dckv come from the backend's Pallas kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -41,22 +42,44 @@ class Spec:
     interpret: bool    # run the Pallas kernel in interpret mode
 
 
+_TARGET: list[str] = []  # set by ``target_platform``
+
+
+@contextlib.contextmanager
+def target_platform(name: str):
+    """Trace for platform ``name`` ("tpu" | "gpu" | "cpu") instead of ``jax.default_backend()``: the
+    kernels (and the model's choices that depend on the platform) are picked for it, so a program can
+    be compiled ahead of time for devices this process does not have (``train.py --compile-only``)."""
+    if name not in ("tpu", "gpu", "cpu"):
+        raise ValueError(f"target platform must be tpu, gpu or cpu, got {name!r}")
+    _TARGET.append(name)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def platform() -> str:
+    """The platform being traced for: ``target_platform``'s, else ``jax.default_backend()``."""
+    return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
 def resolve_backend(backend: str | None, interpret: bool) -> str:
-    """Pick the kernel family: explicit ``backend`` wins; else by ``jax.default_backend()``."""
+    """Pick the kernel family: explicit ``backend`` wins; else by ``platform()``."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         return backend
-    platform = jax.default_backend()
-    if platform == "gpu":
+    platform_ = platform()
+    if platform_ == "gpu":
         return "triton"
-    if platform == "tpu":
+    if platform_ == "tpu":
         return "mosaic"
     if interpret:
         return "triton"
     raise ValueError(
         f"The Pallas attention kernels need a GPU or TPU, but the default JAX backend is "
-        f"{platform!r}. Pass interpret=True to run the kernel in Pallas interpret mode, or "
+        f"{platform_!r}. Pass interpret=True to run the kernel in Pallas interpret mode, or "
         f"backend='xla' to use the plain-JAX reference explicitly.")
 
 

@@ -123,6 +123,47 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def row_axes(n_rows: int, sizes: dict) -> tuple[str, ...]:
+    """The mesh axes (``sizes``: name -> size) that ``n_rows`` rows split over evenly: all of
+    ``BATCH_AXES``, else ``data`` × ``fsdp`` (decoding a few rows), else none."""
+    axes = next(axes for axes in (BATCH_AXES, ("data", "fsdp"), ())
+                if n_rows % math.prod(sizes.get(a, 1) for a in axes) == 0)
+    return tuple(a for a in axes if a in sizes)
+
+
+def local_call(fn, args: tuple, kinds: tuple[str, ...], out_kind: str, **kw):
+    """``fn(*args, **kw)`` run on each device's part of its inputs when a mesh of several devices is set
+    (``jax.set_mesh``), else called as is. For the Pallas kernels: XLA cannot split a kernel (a custom
+    call) over devices by itself. Mosaic (TPU) refuses ("Mosaic kernels cannot be automatically
+    partitioned"), and a Triton kernel would run whole, on the gathered batch, on every GPU.
+
+    ``kinds`` (one per arg; pytrees allowed) and ``out_kind``: ``"rows"`` (leading axis split over
+    ``row_axes``), ``"rows_heads"`` (also axis 2, the heads, over ``tensor`` when it divides them) or
+    ``"heads"`` (axis 0 over ``tensor`` likewise). Axes a spec leaves out are gathered. Array keyword
+    values (a position) become replicated inputs.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args, **kw)
+    sizes = dict(mesh.shape)
+    shapes = [jax.tree_util.tree_leaves(a)[0].shape for a in args]
+    rows = row_axes(shapes[kinds.index("rows_heads" if "rows_heads" in kinds else "rows")][0], sizes) or None
+    tp = sizes.get("tensor", 1)
+    heads = None
+    if "rows_heads" in kinds and tp > 1 and shapes[kinds.index("rows_heads")][2] % tp == 0:
+        heads = "tensor"
+    spec = {"rows": P(rows), "rows_heads": P(rows, None, heads), "heads": P(heads)}
+    arrays = {k: v for k, v in kw.items() if isinstance(v, jax.Array)}
+    static = {k: v for k, v in kw.items() if k not in arrays}
+
+    def local(args, arrays):
+        return fn(*args, **static, **arrays)
+
+    # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check
+    return jax.shard_map(local, mesh=mesh, in_specs=(tuple(spec[k] for k in kinds), P()),
+                         out_specs=spec[out_kind], check_vma=False)(tuple(args), arrays)
+
+
 def check_batch(global_batch: int, mesh_axes, grad_accum: int = 1):
     """Rows of a batch are split over BATCH_AXES, and with ``train.grad_accum`` into microbatches: the
     global batch must be a multiple of their product. ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -20,6 +21,7 @@ from jax.experimental import multihost_utils
 from flax import nnx
 from tqdm.auto import tqdm
 
+import pallas_kernels
 from v4jax import sharding
 from v4jax.checkpoint import TrainCheckpointer, init_weights, write_json_atomic
 from v4jax.config import Config, ConfigError
@@ -136,16 +138,89 @@ def _truncate_metrics(path: Path, last_step: int):
         path.write_text("".join(l + "\n" for l in keep))
 
 
+def _builder(cfg: Config):
+    tcfg = cfg.train
+    return lambda: Transformer(cfg.model, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed),
+                               fp4_expert_qat=tcfg.fp4_expert_qat, fp8_weight_qat=tcfg.fp8_weight_qat)
+
+
+def _state_specs(model: Transformer, cfg: Config, mesh):
+    """(graphdef, optimizer, the training state as ``ShapeDtypeStruct``s with their shardings):
+    ``{"params", "buffers", "opt_state", "step", "rng"}``. ``model`` may be abstract."""
+    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+    p_shard = sharding.param_shardings(params_state, mesh)
+    rep = sharding.replicated(mesh)
+
+    def spec(x, s):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    params = jax.tree_util.tree_map(spec, nnx.to_pure_dict(params_state), p_shard)
+    tx = build_optimizer(cfg.optimizer, params)
+    opt = jax.eval_shape(tx.init, params)
+    state = {"params": params, "buffers": jax.tree_util.tree_map(lambda x: spec(x, rep), nnx.to_pure_dict(rest)),
+             "opt_state": jax.tree_util.tree_map(spec, opt, sharding.follow_params(opt, params, p_shard, mesh)),
+             "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+             "rng": spec(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), rep)}
+    return graphdef, tx, state
+
+
+def _jit_step(graphdef, cfg: Config, tx, state_shardings, mesh):
+    step = make_train_step(graphdef, cfg.model, cfg.train, tx, learning_rate_schedule(cfg.optimizer))
+    return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def tpu_devices(topology: str):
+    """The devices of a TPU slice such as ``v5p:2x2x1`` or ``v6e:4x4``, described by libtpu on any machine
+    (no TPU needed), for compiling ahead of time."""
+    # this process only compiles: it needs no exclusive hold on TPU chips (libtpu's lockfile), so
+    # several such processes may run at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    shape = topology.partition(":")[2].split("x")
+    kw = {}
+    if all(d.isdigit() for d in shape) and math.prod(int(d) for d in shape) < 4:
+        # fewer chips than a TPU host holds (v5p:1x1x1): one host of that shape
+        kw["chips_per_host_bounds"] = ([int(d) for d in shape] + [1, 1])[:3]
+    try:
+        from jax.experimental import topologies
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
+    except Exception as e:  # noqa: BLE001 - libtpu missing or a bad name: both are the user's to fix
+        first = str(e).strip().splitlines()[0][:300]
+        raise ConfigError(f"cannot describe the TPU topology {topology!r} ({first}); it needs libtpu "
+                          f"(pip install 'jax[tpu]') and a name like v5p:2x2x1, v5e:2x2, v6e:4x4 or v4:2x2x1") from e
+
+
+def compile_for_tpu(cfg: Config, topology: str) -> dict:
+    """Compile the training step ahead of time for the TPU slice ``topology`` from this machine (no
+    TPU, no data): the Pallas kernels go through Mosaic and the step through XLA's TPU compiler,
+    which refuses a step that does not fit in the chips' memory. Returns the per-device memory
+    (GiB) and the compile time."""
+    if cfg.model.moe_impl == "pallas":
+        raise ConfigError("model.moe_impl=pallas is a GPU kernel (there is no TPU one): set model.moe_impl=xla "
+                          "(ragged_dot, which XLA lowers natively on TPU)")
+    devices = tpu_devices(topology)
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    sharding.check_batch(cfg.data.global_batch, mesh.shape, cfg.train.grad_accum)
+    with pallas_kernels.target_platform("tpu"):
+        graphdef, tx, state = _state_specs(nnx.eval_shape(_builder(cfg)), cfg, mesh)
+        step_fn = _jit_step(graphdef, cfg, tx, jax.tree_util.tree_map(lambda x: x.sharding, state), mesh)
+        batch = jax.ShapeDtypeStruct((cfg.data.global_batch, cfg.data.seq_len + 1), jnp.int32,
+                                     sharding=sharding.batch_sharding(mesh))
+        t = time.perf_counter()
+        with jax.set_mesh(mesh), _explain_oom(cfg.train, "compiling"):
+            compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    m = compiled.memory_analysis()
+    return {"topology": topology, "device_kind": devices[0].device_kind, "devices": len(devices),
+            "mesh": dict(mesh.shape), "compile_s": compile_s, "arguments_gib": m.argument_size_in_bytes / 2**30,
+            "temporaries_gib": m.temp_size_in_bytes / 2**30, "step_memory_gib": step_memory_bytes(compiled) / 2**30}
+
+
 def _initial_model(cfg: Config, mesh, *, from_checkpoint: bool, progress: bool) -> tuple[Transformer, str | None]:
     """(the model to train, where its weights came from): randomly initialised (None), or for a fresh
     run with ``train.init_from`` filled with that checkpoint's weights, each tensor loaded straight to its
     shards."""
     tcfg = cfg.train
-
-    def build():
-        return Transformer(cfg.model, mode=tcfg.mode, rngs=nnx.Rngs(tcfg.seed), fp4_expert_qat=tcfg.fp4_expert_qat,
-                           fp8_weight_qat=tcfg.fp8_weight_qat)
-
+    build = _builder(cfg)
     if not from_checkpoint:
         return sharding.init_sharded(build, mesh), None
     model = nnx.eval_shape(build)
@@ -180,18 +255,14 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
         raise
     if source and is_main:
         print(f"initial weights: {source}")
-    graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
-    p_shard = sharding.param_shardings(params_state, mesh)
-    params = jax.device_put(nnx.to_pure_dict(params_state), p_shard)
-    tx = build_optimizer(cfg.optimizer, params)
-    rep = sharding.replicated(mesh)
-    lr = learning_rate_schedule(cfg.optimizer)
-    state = {"params": params, "buffers": jax.device_put(nnx.to_pure_dict(rest), rep),
-             "opt_state": jax.jit(tx.init, out_shardings=sharding.follow_params(
-                 jax.eval_shape(tx.init, params), params, p_shard, mesh))(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
-             "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), rep)}
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    graphdef, tx, specs = _state_specs(model, cfg, mesh)
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, specs)
+    _, params_state, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(nnx.to_pure_dict(params_state), state_shardings["params"])
+    state = {"params": params, "buffers": jax.device_put(nnx.to_pure_dict(rest), state_shardings["buffers"]),
+             "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
+             "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), state_shardings["rng"])}
 
     metrics_path = workdir / "metrics.jsonl"
     if start is not None:
@@ -206,9 +277,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     if is_main:
         write_json_atomic(workdir / "config.json", cfg.to_dict())
 
-    step_fn = jax.jit(make_train_step(graphdef, mcfg, tcfg, tx, lr),
-                      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(state_shardings, None), donate_argnums=0)
+    step_fn = _jit_step(graphdef, cfg, tx, state_shardings, mesh)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
     flops_per_token = train_flops_per_token(mcfg, cfg.data.seq_len)
     peak = _peak_flops(tcfg)

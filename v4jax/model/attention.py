@@ -29,6 +29,7 @@ from v4jax.model import layers
 from v4jax.model.layers import (Linear, Numerics, RMSNorm, WeightLayout, init_normal, placeholder,
                                 fp8_scale_shape, param, rms_norm)
 from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
+from v4jax.sharding import local_call
 
 
 class GroupedLinear(nnx.Module):
@@ -126,7 +127,7 @@ class Attention(nnx.Module):
 
     def _kernels(self):
         if self.impl == "pallas":
-            return pallas_kernels, layers.kernel_kw()
+            return _Kernels, layers.kernel_kw()
         return reference, {}
 
     # ------------------------------------------------------------------ prefill / training
@@ -250,10 +251,10 @@ class Attention(nnx.Module):
             kv = jnp.take(win_kv, (start + jnp.arange(W)) % W, axis=1).astype(q.dtype)
             kw = dict(window=W, scale=scale, q_start=t, kv_start=start, **layers.kernel_kw())
             if self.ratio == 0:
-                return pallas_kernels.window_attention(q, kv, sink, **kw)
+                return _Kernels.window_attention(q, kv, sink, **kw)
             if self.ratio == 4:
-                return pallas_kernels.sparse_attention(q, kv, ckv, idx, sink, **kw)
-            return pallas_kernels.compressed_attention(q, kv, ckv, sink, ratio=self.ratio, **kw)
+                return _Kernels.sparse_attention(q, kv, ckv, idx, sink, **kw)
+            return _Kernels.compressed_attention(q, kv, ckv, sink, ratio=self.ratio, **kw)
         if self.ratio == 4 and isinstance(ckv, Fp8Entries):  # FP8 cache: decode only the selected rows
             ckv, idx = dequant_for("csa", ckv, idx, q.dtype)
         keys = [win_kv]
@@ -268,6 +269,26 @@ class Attention(nnx.Module):
         o = reference.decode_attention(q[:, 0], jnp.concatenate(keys, 1).astype(q.dtype),
                                        jnp.concatenate(valid, 1), sink, scale=scale)
         return o[:, None]
+
+
+class _Kernels:
+    """``pallas_kernels``' attention entry points, each run on every device's rows and heads under a
+    mesh (``sharding.local_call``)."""
+
+    @staticmethod
+    def window_attention(q, kv, sink, **kw):
+        return local_call(pallas_kernels.window_attention, (q, kv, sink), ("rows_heads", "rows", "heads"),
+                          "rows_heads", **kw)
+
+    @staticmethod
+    def sparse_attention(q, kv, ckv, topk_idx, sink, **kw):
+        return local_call(pallas_kernels.sparse_attention, (q, kv, ckv, topk_idx, sink),
+                          ("rows_heads", "rows", "rows", "rows", "heads"), "rows_heads", **kw)
+
+    @staticmethod
+    def compressed_attention(q, kv, ckv, sink, **kw):
+        return local_call(pallas_kernels.compressed_attention, (q, kv, ckv, sink),
+                          ("rows_heads", "rows", "rows", "heads"), "rows_heads", **kw)
 
 
 def indexer_kl(scores, q, ckv, scale: float):

@@ -23,6 +23,7 @@ from v4jax.model.compressor import Compressor, hadamard
 from v4jax.model import layers
 from v4jax.model.layers import Linear, Numerics, WeightLayout, dot
 from v4jax.model.rope import apply_rope, rope_tables
+from v4jax.sharding import local_call
 
 class Indexer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rope_freqs, numerics: Numerics, layout: WeightLayout,
@@ -66,5 +67,7 @@ class Indexer(nnx.Module):
     def select(self, q, w, k, pos):
         """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist). k: keys
         ``[B, N, ID]`` or ``Fp4Keys`` (the kernel decodes them tile by tile)."""
-        kw = layers.kernel_kw() if self.impl == "pallas" else dict(backend="xla")
-        return pallas_kernels.indexer_topk(q, w, k, self.topk, ratio=4, q_start=pos[0], **kw)
+        if self.impl != "pallas":
+            return pallas_kernels.indexer_topk(q, w, k, self.topk, ratio=4, q_start=pos[0], backend="xla")
+        return local_call(pallas_kernels.indexer_topk, (q, w, k), ("rows", "rows", "rows"), "rows", topk=self.topk,
+                          ratio=4, q_start=pos[0], **layers.kernel_kw())

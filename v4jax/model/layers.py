@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from pallas_kernels._core import platform
 from v4jax import quant
 from v4jax.config import MODES
 
@@ -111,8 +112,9 @@ def param(value, axes: tuple) -> nnx.Param:
 
 def kernel_kw() -> dict:
     """Keyword arguments for the Pallas kernels of the ``pallas`` impls: compiled for the default
-    backend on a GPU / TPU (Triton / Mosaic), Pallas interpret mode on a CPU."""
-    return dict(interpret=jax.default_backend() == "cpu")
+    backend on a GPU / TPU (Triton / Mosaic), Pallas interpret mode on a CPU; ``pallas_kernels.
+    target_platform`` names another platform to compile for."""
+    return dict(interpret=platform() == "cpu")
 
 
 def dot(x, w, numerics: Numerics, out_dtype=None):
@@ -129,7 +131,7 @@ def dot(x, w, numerics: Numerics, out_dtype=None):
 def bf16_passes() -> bool:
     """Whether ``dot_f32`` applies a weight stored in bf16 as bf16 matmuls (GPU / TPU tensor cores) or
     upcasts it (CPU, where bf16 matmuls are no faster)."""
-    return jax.default_backend() != "cpu"
+    return platform() != "cpu"
 
 
 def split_bf16(x):

@@ -13,8 +13,6 @@ gathered and dequantised (``Experts._picked``), not all E.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -22,7 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from v4jax import quant
+from v4jax import quant, sharding
 from v4jax.config import ModelConfig
 from v4jax.model import layers
 from v4jax.model.layers import (Linear, Numerics, WeightLayout, init_normal, placeholder, dot_f32,
@@ -138,14 +136,13 @@ class Experts(nnx.Module):
             ws, routed = [m.dequantized(dt) for m in mats], self._routed
         mesh = jax.sharding.get_abstract_mesh()
         n = 0 if mesh.empty else dict(mesh.shape).get("expert", 1)
-        if n <= 1:
+        # the Pallas kernel must run per device even without expert parallelism (sharding.local_call says why)
+        kernel_on_mesh = self.impl == "pallas" and routed is not self._picked and not mesh.empty and mesh.size > 1
+        if n <= 1 and not kernel_on_mesh:
             return routed(x, idx, w, *ws, n_experts=E).astype(dt)
         if E % n:
             raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
-        sizes = dict(mesh.shape)
-        row_axes = next(axes for axes in (("data", "fsdp", "expert"), ("data", "fsdp"), ())
-                        if x.shape[0] % math.prod(sizes.get(a, 1) for a in axes) == 0)
-        row_axes = tuple(a for a in row_axes if a in sizes)
+        row_axes = sharding.row_axes(x.shape[0], dict(mesh.shape))
         split = "expert" in row_axes
         rows = P(row_axes) if row_axes else P()
 

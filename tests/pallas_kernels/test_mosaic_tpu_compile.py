@@ -1,0 +1,100 @@
+"""Optional: compile the TPU (Mosaic) kernels and the training step for TPU slices on a machine
+without a TPU.
+
+libtpu (``pip install 'jax[tpu]'``) describes a slice (``jax.experimental.topologies``) and XLA's
+TPU compiler compiles for it ahead of time: each Pallas kernel goes through Mosaic's own checks
+(layouts, alignment, VMEM capacity) and the step through XLA's buffer assignment in the chips'
+memory. Skipped where libtpu is not installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels as pk
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
+REPO = Path(__file__).resolve().parents[2]
+TOPOLOGIES = ["v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2"]
+
+
+def _one_chip(topology):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from v4jax.trainer import tpu_devices
+    return NamedSharding(Mesh(tpu_devices(topology)[:1], ("x",)), P())
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+def test_attention_kernels_compile_for_tpu(mode, topology):
+    """Forward + backward of a 1K-token prefill and a decoding step at 64K context, V4-Flash shapes
+    (64 heads, head dim 512, window 128, top-k 512), bf16."""
+    rep = _one_chip(topology)
+
+    def sd(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    H, D = 64, 512
+    for decode in (False, True):
+        B, S, T, ctx = (2, 1, 128, 1 << 16) if decode else (1, 1024, 1024, 1024)
+        N = ctx // (4 if mode == "csa" else 128)
+        kw = dict(window=128, scale=D ** -0.5, backend="mosaic")
+        if decode:
+            kw.update(q_start=ctx - 1, kv_start=ctx - T)
+
+        def f(q, kv, ckv, idx, sink):
+            if mode == "csa":
+                o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
+            elif mode == "hca":
+                o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
+            else:
+                o = pk.window_attention(q, kv, sink, **kw)
+            return jnp.sum(o.astype(jnp.float32))
+        g = f if decode else jax.value_and_grad(f, argnums=(0, 1, 2, 4))
+        args = (sd((B, S, H, D), jnp.bfloat16), sd((B, T, D), jnp.bfloat16), sd((B, N, D), jnp.bfloat16),
+                sd((B, S, 512), jnp.int32), sd((H,), jnp.float32))
+        compiled = jax.jit(g).trace(*args).lower().compile()
+        assert compiled.as_text().count("tpu_custom_call") >= (1 if decode else 3)
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+@pytest.mark.parametrize("keys", ["bf16", "fp4"])
+def test_indexer_compiles_for_tpu(keys, topology):
+    """Indexer top-k (64 heads of width 128, top-k 512): a 4K-token prefill and a decoding step at 1M context."""
+    rep = _one_chip(topology)
+
+    def sd(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    for S, N, q_start in ((4096, 1024, 0), (1, 1 << 18, (1 << 20) - 1)):
+        k = (pk.Fp4Keys(sd((2, N, 64), jnp.uint8), sd((2, N, 4), jnp.int8)) if keys == "fp4"
+             else sd((2, N, 128), jnp.bfloat16))
+        f = jax.jit(lambda q, w, k: pk.indexer_topk(q, w, k, 512, q_start=q_start, backend="mosaic"))
+        f.trace(sd((2, S, 64, 128), jnp.bfloat16), sd((2, S, 64), jnp.float32), k).lower().compile()
+
+
+def test_tpu_topology_errors_name_the_problem():
+    from v4jax.config import ConfigError
+    from v4jax.trainer import tpu_devices
+    with pytest.raises(ConfigError, match="'v9z:2x2'.*libtpu"):
+        tpu_devices("v9z:2x2")
+    assert len(tpu_devices("v5p:1x1x1")) == 1 and len(tpu_devices("v6e:4x4")) == 16
+
+
+@pytest.mark.slow
+def test_train_compile_only_for_a_tpu_slice():
+    """``train.py --compile-only``: the tiny config's training step (Pallas kernels for attention and the
+    indexer, expert parallelism over 2 chips, Muon) compiles for a v5p slice of 4 chips."""
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--compile-only", "v5p:2x2x1",
+                          "model.attention_impl=pallas", "mesh.data=2", "mesh.expert=2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2].startswith("compiled the training step for v5p:2x2x1 (4 x TPU v5, mesh data=2 x fsdp=1 x "
+                                "expert=2 x tensor=1) in "), lines
+    assert lines[-1].startswith("per device: ") and "GiB (parameters, optimizer state and batch" in lines[-1], lines
