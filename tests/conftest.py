@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from v4jax import quant
-from v4jax.config import ModelConfig, from_hf_config
+from v4jax.config import RUNTIME_KEYS, ModelConfig, from_hf_config
 from v4jax.hf.names import expected_tensors
 from v4jax.hf.safetensors import INDEX_FILE, write_safetensors
 
@@ -61,7 +61,7 @@ def small_config(**over) -> ModelConfig:
              expert_dtype="fp4", model_type="deepseek_v4",
              quantization_config=dict(quant_method="fp8", fmt="e4m3", scale_fmt="ue8m0",
                                       weight_block_size=[128, 128], activation_scheme="dynamic"))
-    runtime = {k: over.pop(k) for k in ("attention_impl", "moe_impl") if k in over}  # not config.json keys
+    runtime = {k: over.pop(k) for k in RUNTIME_KEYS if k in over}  # not config.json keys
     d.update(over)
     return from_hf_config(d, **runtime)
 

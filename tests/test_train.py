@@ -202,7 +202,8 @@ from v4jax.config import TrainConfig
 from v4jax.model.transformer import Transformer
 from v4jax.train_step import compute_loss
 
-cfg = small_config(num_hidden_layers=6, compress_ratios=[0, 4, 8, 4, 8, 4, 0])
+# moe_capacity=2 on the mesh (expert=2): room for every pair, through the capacity path
+cfg = small_config(num_hidden_layers=6, compress_ratios=[0, 4, 8, 4, 8, 4, 0], moe_capacity=2.0)
 model = Transformer(cfg, mode="exact", rngs=nnx.Rngs(0))
 graph, params, rest = nnx.split(model, nnx.Param, ...)
 devices = np.asarray(jax.devices())
@@ -229,6 +230,7 @@ with jax.set_mesh(mesh):
 (total0, (metrics0, counts0)), grads0 = out[False]
 assert out[True, "dots"] < 0.8 * out[False, "dots"], (out[True, "dots"], out[False, "dots"])
 chex.assert_trees_all_close(metrics, metrics0, rtol=1e-5)
+assert float(metrics["moe_dropped"]) == 0.0, metrics
 chex.assert_trees_all_equal(counts, counts0)
 for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
     chex.assert_trees_all_close(g, g0, rtol=0, atol=1e-3 * float(jnp.max(jnp.abs(g0))) + 1e-12)

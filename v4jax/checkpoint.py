@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from v4jax import data as data_lib
-from v4jax.config import CheckpointConfig, ConfigError, ModelConfig, build
+from v4jax.config import RUNTIME_KEYS, CheckpointConfig, ConfigError, ModelConfig, build
 
 
 class TrainCheckpointer:
@@ -175,7 +175,7 @@ def init_weights(model, path: str | os.PathLike, *, mesh=None, progress: bool = 
     else:
         raise ConfigError(f"train.init_from: {p} is neither a released checkpoint (config.json + safetensors), "
                           f"an orbax-form directory (v4jax.json) nor a train.py run")
-    runtime = {k: getattr(model.cfg, k) for k in ("attention_impl", "moe_impl")}
+    runtime = {k: getattr(model.cfg, k) for k in RUNTIME_KEYS}
     src_cfg = dataclasses.replace(src_cfg, **runtime)
     if src_cfg != model.cfg:
         diff = [f"{f.name}: checkpoint {getattr(src_cfg, f.name)!r}, run {getattr(model.cfg, f.name)!r}"

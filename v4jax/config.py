@@ -70,6 +70,11 @@ class QuantizationConfig:
                f"quantization_config.weight_block_size: only [128, 128], got {list(self.weight_block_size)}")
 
 
+# ModelConfig fields that say how v4jax runs the model, not what it is: not config.json keys, and free to
+# differ between a checkpoint and the run that loads or resumes it
+RUNTIME_KEYS = ("attention_impl", "moe_impl", "moe_capacity")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """DeepSeek-V4 architecture. Field names are the HF ``config.json`` keys (SPEC §1)."""
@@ -117,6 +122,9 @@ class ModelConfig:
     # --- not in config.json: how v4jax runs the model
     attention_impl: Literal["xla", "pallas"] = "xla"
     moe_impl: Literal["xla", "pallas"] = "xla"  # routed experts: ragged_dot or the grouped-matmul kernel
+    # expert parallelism (mesh expert axis n > 1): 0 = dropless, each device sized for all of its expert
+    # group's token-expert pairs; c > 0 = at most ceil(c * pairs / n) pairs per device, the rest dropped
+    moe_capacity: float = 0.0
 
     def __post_init__(self):
         positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
@@ -159,6 +167,8 @@ class ModelConfig:
         _check(self.attention_impl in ("xla", "pallas"),
                f"attention_impl must be 'xla' or 'pallas', got {self.attention_impl!r}")
         _check(self.moe_impl in ("xla", "pallas"), f"moe_impl must be 'xla' or 'pallas', got {self.moe_impl!r}")
+        _check(isinstance(self.moe_capacity, (int, float)) and self.moe_capacity >= 0,
+               f"moe_capacity must be a number >= 0 (0: dropless), got {self.moe_capacity!r}")
         if self.quantization_config is not None and self.expert_dtype == "fp4":
             _check(self.moe_intermediate_size % 32 == 0 and self.hidden_size % 32 == 0,
                    "FP4 experts need hidden_size and moe_intermediate_size to be multiples of 32")
@@ -174,8 +184,8 @@ class ModelConfig:
     def to_hf_dict(self) -> dict:
         """The ``config.json`` form (drops v4jax-only fields)."""
         d = dataclasses.asdict(self)
-        d.pop("attention_impl")
-        d.pop("moe_impl")
+        for k in RUNTIME_KEYS:
+            d.pop(k)
         d["compress_ratios"] = list(self.compress_ratios)
         if self.quantization_config is not None:
             d["quantization_config"]["weight_block_size"] = list(self.quantization_config.weight_block_size)
@@ -288,7 +298,7 @@ def from_hf_config(path_or_dict: str | Path | dict, **overrides) -> ModelConfig:
         src = str(p)
     if data.get("model_type", "deepseek_v4") != "deepseek_v4":
         raise ConfigError(f"{src}: model_type is {data['model_type']!r}, expected 'deepseek_v4'")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"attention_impl", "moe_impl"}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - set(RUNTIME_KEYS)
     unknown = sorted(set(data) - known - _HF_IGNORED)
     if unknown:
         log.warning("%s: ignoring config.json keys v4jax does not use: %s", src, unknown)

@@ -1,7 +1,7 @@
 """Device mesh and the logical-axis -> mesh-axis table (the one place model code meets a mesh).
 
 Parameters carry logical axis names (``out_sharding`` metadata set by ``layers.param``); ``RULES``
-maps each name to a mesh axis. A dimension whose size the mesh axis does not divide stays
+maps each name to mesh axes. A dimension whose size the mesh axis does not divide stays
 replicated. Batches are split over ``("data", "fsdp", "expert")`` (the expert axis is a data axis for
 everything but the routed experts, see ``moe.Experts``).
 """
@@ -19,13 +19,19 @@ from v4jax.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "expert", "tensor")
 
+# logical name -> mesh axes, used in order as far as they divide the dimension. The model width (and
+# the low ranks, in the matrices without it) also takes the expert axis, which is a data axis for all
+# but the routed experts (ZeRO-style: else each dense parameter is copied on every expert-axis
+# device); the experts' tensors name "experts" first, which keeps that axis.
 RULES = {
-    "embed": "fsdp",
-    "experts": "expert",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "index_heads": "tensor",
-    "vocab": "tensor",
+    "embed": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert"),   # wq_b / the indexer's wq_b, whose other dim (heads) takes tensor
+    "o_lora": ("fsdp", "expert"),   # wo_a (likewise)
+    "experts": ("expert",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "index_heads": ("tensor",),
+    "vocab": ("tensor",),
 }
 
 
@@ -49,14 +55,17 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 
 
 def spec_for(shape, logical, mesh: Mesh) -> P:
-    """PartitionSpec of one array from its logical axis names (replicated where indivisible / unnamed)."""
-    out = []
+    """PartitionSpec of one array from its logical axis names (``RULES``; a mesh axis of size 1, one an
+    earlier dimension uses, or one whose size with the axes before it does not divide the dimension is
+    left out; unnamed dimensions are replicated)."""
+    out, used = [], set()
     for dim, name in zip(shape, logical or (None,) * len(shape)):
-        axis = RULES.get(name)
-        if axis is None or mesh.shape[axis] == 1 or dim % mesh.shape[axis] or axis in out:
-            out.append(None)
-        else:
-            out.append(axis)
+        axes = []
+        for a in RULES.get(name, ()):
+            if mesh.shape[a] > 1 and a not in used and dim % (math.prod(mesh.shape[b] for b in axes) * mesh.shape[a]) == 0:
+                axes.append(a)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
 
 

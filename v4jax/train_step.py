@@ -107,7 +107,8 @@ def _score_layers(cfg: ModelConfig, infos, mtp_infos):
 def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     """tokens int ``[B, S + 1]`` -> (total loss, metrics, expert counts per score-routed layer).
 
-    metrics: ``loss`` (next-token CE), ``mtp_ce``, ``balance_loss``, ``indexer_kl``, ``total_loss``.
+    metrics: ``loss`` (next-token CE), ``mtp_ce``, ``balance_loss``, ``indexer_kl``, ``total_loss``,
+    with ``model.moe_capacity`` ``moe_dropped``.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False, scan=tcfg.scan_layers)
@@ -138,6 +139,8 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
         metrics["indexer_kl"] = kl
         loss = loss + tcfg.indexer_loss_weight * kl
     counts = {path: expert_counts(i["experts"], cfg.n_routed_experts) for path, i in scored}
+    if cfg.moe_capacity:  # expert-parallel capacity: the share of token-expert pairs dropped, mean over MoEs
+        metrics["moe_dropped"] = jnp.mean(jnp.stack([i["dropped"] for i in infos + mtp_infos]))
     metrics["total_loss"] = loss
     return loss, metrics, counts
 

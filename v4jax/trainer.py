@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import pallas_kernels
 from v4jax import sharding
 from v4jax.checkpoint import TrainCheckpointer, init_weights, write_json_atomic
-from v4jax.config import Config, ConfigError
+from v4jax.config import RUNTIME_KEYS, Config, ConfigError
 from v4jax.data import make_iterator
 from v4jax.hf.safetensors import CheckpointError
 from v4jax.model.transformer import Transformer
@@ -127,7 +127,7 @@ def _explain_oom(tcfg, what: str):
 def _check_same_model(saved: dict, cfg: Config):
     now = cfg.to_dict()
     diff = sorted(k for k in set(saved.get("model", {})) | set(now["model"])
-                  if saved.get("model", {}).get(k) != now["model"].get(k))
+                  if k not in RUNTIME_KEYS and saved.get("model", {}).get(k) != now["model"].get(k))
     if diff:
         raise ConfigError(f"the checkpoint was written for a different model; differing model keys: {diff}")
 

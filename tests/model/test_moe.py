@@ -17,8 +17,9 @@ def _moe(hashed, **over):
     return cfg, MoE(cfg, hashed=hashed, numerics=Numerics("exact"), layout=WeightLayout.float(), rngs=nnx.Rngs(3))
 
 
-def _loop_reference(moe, cfg, x, tokens):
-    """Per token: route, run each chosen expert's clamped SwiGLU, sum; plus the shared expert (numpy f64)."""
+def _loop_reference(moe, cfg, x, tokens, keep=None):
+    """Per token: route, run each chosen expert's clamped SwiGLU, sum; plus the shared expert (numpy f64).
+    ``keep`` (bool ``[T, k]``): only these (token, slot) pairs count."""
     x = np.asarray(x, np.float64)
     gw = np.asarray(moe.gate.weight[...], np.float64)
     w1, w2, w3 = (np.asarray(getattr(moe.experts, n).weight[...], np.float64) for n in ("w1", "w2", "w3"))
@@ -31,7 +32,9 @@ def _loop_reference(moe, cfg, x, tokens):
         else:
             idx = np.argsort(-(g + np.asarray(moe.gate.bias[...])))[:cfg.num_experts_per_tok]
         wts = g[idx] / g[idx].sum() * cfg.routed_scaling_factor
-        for e, wt in zip(idx, wts):
+        for j, (e, wt) in enumerate(zip(idx, wts)):
+            if keep is not None and not keep[t, j]:
+                continue
             a, b = np.minimum(w1[e] @ x[t], L), np.clip(w3[e] @ x[t], -L, L)
             out[t] += w2[e] @ (a / (1 + np.exp(-a)) * b * wt)
     s = moe.shared_experts
@@ -155,3 +158,56 @@ def test_few_pairs_dequantise_only_the_picked_experts(tmp_path, expert_dtype, mo
         jaxpr = str(jax.make_jaxpr(lambda x: quantised(x, ids)[0])(x))
         assert ("ragged_dot" not in jaxpr) == picked
         chex.assert_trees_all_close(quantised(x, ids)[0], dense(x, ids)[0], rtol=1e-5, atol=1e-5)
+
+
+_CAPACITY_SCRIPT = """
+import math
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from v4jax.model.layers import Numerics, WeightLayout
+from v4jax.model.moe import MoE
+from conftest import small_config
+from test_moe import _loop_reference
+
+T, k, n = 12, 2, 4
+mesh = Mesh(np.asarray(jax.devices()).reshape(1, 1, n, 1), ("data", "fsdp", "expert", "tensor"))
+x = jax.random.normal(jax.random.key(5), (1, T, small_config().hidden_size))
+tokens = jnp.arange(T)[None] % 3
+table = np.array([[1, 0], [1, 2], [1, 3]] + [[0, 1]] * 157, np.int32)  # expert 1 takes every token
+for c in (4.0, 1.0, 0.5):  # 4: room for every pair; 1, 0.5: cap = 6, 3 pairs per device
+    cfg = small_config(moe_capacity=c)
+    moe = MoE(cfg, hashed=True, numerics=Numerics("exact"), layout=WeightLayout.float(), rngs=nnx.Rngs(3))
+    moe.gate.tid2eid[...] = jnp.asarray(table)
+    with jax.set_mesh(mesh):
+        y, route = jax.jit(lambda x: moe(x, tokens))(x)
+    # expected: device e keeps its expert's first `cap` pairs in (token, slot) order
+    cap = min(T * k, math.ceil(c * T * k / n))
+    ids = table[np.asarray(tokens)[0]]
+    keep = np.zeros_like(ids, bool)
+    for e in range(n):
+        pairs = np.flatnonzero(ids.reshape(-1) == e)[:cap]
+        keep.reshape(-1)[pairs] = True
+    want = _loop_reference(moe, cfg, np.asarray(x)[0], np.asarray(tokens)[0], keep=keep)
+    np.testing.assert_allclose(np.asarray(y)[0], want, rtol=2e-5, atol=2e-5, err_msg=str(c))
+    np.testing.assert_allclose(float(route["dropped"]), 1 - keep.mean(), rtol=1e-6, err_msg=str(c))
+    assert (c < 4) == (keep.mean() < 1), (c, keep.mean())
+print("ok")
+"""
+
+
+def test_expert_capacity_drops_the_pairs_past_it():
+    """moe_capacity on a mesh with expert=4 (4 host devices, one expert each): each device keeps its
+    expert's first ceil(c * pairs / 4) pairs in (token, slot) order; the rest contribute nothing and the
+    dropped fraction is reported. A capacity with room for every pair gives the dropless result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(tests), str(tests / "model"), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _CAPACITY_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=tests.parent)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -13,6 +13,8 @@ gathered and dequantised (``Experts._picked``), not all E.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -108,13 +110,15 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, numerics: Numerics, layout: WeightLayout, rngs: nnx.Rngs):
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.numerics, self.limit, self.impl = numerics, cfg.swiglu_limit, cfg.moe_impl
+        self.capacity = cfg.moe_capacity
         kw = dict(fmt=layout.experts, dtype=layout.dtype, rngs=rngs, fp4_qat=numerics.fp4_experts)
         self.w1 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
         self.w2 = ExpertWeight(E, D, I, axes=("experts", "embed", "mlp"), **kw)
         self.w3 = ExpertWeight(E, I, D, axes=("experts", "mlp", "embed"), **kw)
 
     def __call__(self, x, idx, w):
-        """x ``[T, D]``, idx / w ``[T, k]`` -> Σ_k w·expert(x) ``[T, D]`` (x's dtype).
+        """x ``[T, D]``, idx / w ``[T, k]`` -> (Σ_k w·expert(x) ``[T, D]`` (x's dtype), the fraction of
+        token-expert pairs dropped for capacity: float32, 0 without ``moe_capacity``).
 
         Under a mesh (``jax.set_mesh``) whose ``expert`` axis has n > 1 devices, experts are
         parallel, each device running its E/n local experts. In training the token rows are split
@@ -124,6 +128,11 @@ class Experts(nnx.Module):
         (``psum_scatter``): 2·T·D·(n-1)/n elements moved per device, independent of top-k. When the
         rows do not divide that way (decoding a few tokens), they are split over ``data`` × ``fsdp``
         only, or not at all, and the partial sums are added over ``expert`` (``psum``).
+
+        Dropless, a device's buffers hold every pair of the gathered rows (n·T·k), whatever share of
+        them its experts take: at V4-Flash scale (n = 64) hundreds of GiB. ``moe_capacity`` c > 0 bounds
+        them to ceil(c·n·T·k / n) pairs, the device's fair share times c; pairs past it (in expert
+        order) are dropped, and the dropped fraction is returned (the ``moe_dropped`` metric).
         """
         dt = x.dtype
         mats = (self.w1, self.w2, self.w3)
@@ -137,9 +146,9 @@ class Experts(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         n = 0 if mesh.empty else dict(mesh.shape).get("expert", 1)
         # the Pallas kernel must run per device even without expert parallelism (sharding.local_call says why)
-        kernel_on_mesh = self.impl == "pallas" and routed is not self._picked and not mesh.empty and mesh.size > 1
+        kernel_on_mesh = self.impl == "pallas" and routed != self._picked and not mesh.empty and mesh.size > 1
         if n <= 1 and not kernel_on_mesh:
-            return routed(x, idx, w, *ws, n_experts=E).astype(dt)
+            return routed(x, idx, w, *ws, n_experts=E).astype(dt), jnp.zeros((), jnp.float32)
         if E % n:
             raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
         row_axes = sharding.row_axes(x.shape[0], dict(mesh.shape))
@@ -150,15 +159,24 @@ class Experts(nnx.Module):
             if split:
                 x, idx, w = (jax.lax.all_gather(a, "expert", axis=0, tiled=True) for a in (x, idx, w))
             first = jax.lax.axis_index("expert") * (E // n)
-            y = routed(x, idx - first, w, w1, w2, w3, n_experts=E // n)
+            pairs = idx.size
+            if self.capacity and routed == self._routed and n > 1:
+                cap = min(pairs, math.ceil(self.capacity * pairs / n))
+                y, counts = self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n, capacity=cap)
+            else:
+                y, counts = routed(x, idx - first, w, w1, w2, w3, n_experts=E // n), jnp.zeros(2)
+            # (dropped, local) pairs over the mesh: each pair is some device's local pair once per
+            # replica of its rows, so the ratio is the dropped fraction
+            counts = jax.lax.psum(counts.astype(jnp.float32), tuple(mesh.axis_names))
             if split:
-                return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
-            return jax.lax.psum(y, "expert")
+                return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True), counts
+            return jax.lax.psum(y, "expert"), counts
 
         # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check, and with it
         # JAX 0.10 lost the sum over `expert` of the x / w cotangents of the psum form.
-        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
-                             out_specs=rows, check_vma=False)(x, idx, w, *ws).astype(dt)
+        y, counts = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
+                                  out_specs=(rows, P()), check_vma=False)(x, idx, w, *ws)
+        return y.astype(dt), jax.lax.stop_gradient(counts[0] / jnp.maximum(counts[1], 1.0))
 
     def _picked(self, x, idx, w, q1, q2, q3, *, n_experts: int):
         """``_routed`` for a few pairs with quantised weights ``q1, q2, q3`` (``ExpertWeight.stored()``):
@@ -183,9 +201,11 @@ class Experts(nnx.Module):
             h = quant.fake_quant_fp8(h, 128, rows=jnp.arange(T * k) // k)
         return jnp.sum(mm(h, w2).reshape(T, k, -1), axis=1)
 
-    def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int):
+    def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int, capacity: int | None = None):
         """The experts ``0 … n_experts-1`` of stacked weights ``[n_experts, out, in]``, float32 ``[T, D]``;
-        pairs whose index is outside that range contribute nothing."""
+        pairs whose index is outside that range contribute nothing. With ``capacity``: only the first
+        ``capacity`` of those pairs in expert order count, and the result is (out, int32 [dropped pairs,
+        pairs of these experts])."""
         T, k = idx.shape
         dt, prec = x.dtype, self.numerics.precision
         if self.numerics.qat:
@@ -193,8 +213,13 @@ class Experts(nnx.Module):
         flat = idx.reshape(-1)
         flat = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # n_experts = not here
         order = jnp.argsort(flat, stable=True)
-        xs = jnp.take(x, order // k, axis=0)
         sizes = jnp.bincount(flat, length=n_experts + 1)[:n_experts].astype(jnp.int32)
+        if capacity is not None:  # the first `capacity` pairs in expert order; groups cut at that row
+            order = order[:capacity]
+            kept = jnp.diff(jnp.minimum(jnp.cumsum(sizes), capacity), prepend=0).astype(jnp.int32)
+            counts = jnp.stack([jnp.sum(sizes) - jnp.sum(kept), jnp.sum(sizes)])
+            sizes = kept
+        xs = jnp.take(x, order // k, axis=0)
 
         def grouped(lhs, wt):  # wt [E, out, in] -> lhs @ wt[e].T per group, float32 (rows past the groups: 0)
             if self.impl == "pallas":
@@ -207,6 +232,8 @@ class Experts(nnx.Module):
         if self.numerics.qat:
             h = quant.fake_quant_fp8(h, 128, rows=order // k)
         ys = grouped(h, w2)
+        if capacity is not None:  # each kept pair's row added to its token (rows past the groups are 0)
+            return jnp.zeros((T, ys.shape[1]), ys.dtype).at[order // k].add(ys), counts
         # back to (token, slot) order: a gather by the inverse permutation (unique indices), whose
         # gradient is a plain scatter; differentiating a scatter instead costs index bookkeeping
         # as large as the rows
@@ -244,7 +271,8 @@ class MoE(nnx.Module):
         B, S, D = x.shape
         xf = x.reshape(B * S, D)
         idx, w, g = self.gate(xf, tokens.reshape(-1))
-        y = self.experts(xf, idx, w)
+        y, dropped = self.experts(xf, idx, w)
         if self.shared_experts is not None:
             y = (y.astype(jnp.float32) + self.shared_experts(xf).astype(jnp.float32)).astype(x.dtype)
-        return y.reshape(B, S, D), {"experts": idx.reshape(B, S, -1), "scores": g.reshape(B, S, -1)}
+        return y.reshape(B, S, D), {"experts": idx.reshape(B, S, -1), "scores": g.reshape(B, S, -1),
+                                    "dropped": dropped}
