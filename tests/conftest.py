@@ -115,6 +115,24 @@ def write_random_checkpoint(path: Path, cfg: ModelConfig, *, seed: int = 0, shar
     return tensors
 
 
+def attention_sum(mode: str, **kw):
+    """``(q, kv, ckv, topk_idx, sink) -> sum of the output`` (float32) of the ``mode`` attention entry
+    point (``window``; ``hca`` with ratio 128; ``csa``), with the keyword arguments ``kw``."""
+    import jax.numpy as jnp
+
+    import pallas_kernels as pk
+
+    def f(q, kv, ckv, idx, sink):
+        if mode == "csa":
+            o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
+        elif mode == "hca":
+            o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
+        else:
+            o = pk.window_attention(q, kv, sink, **kw)
+        return jnp.sum(o.astype(jnp.float32))
+    return f
+
+
 def kernel_kw(backend: str = "triton") -> dict:
     """How a kernel test runs the Pallas kernel family ``backend``: compiled on its own platform
     (``triton`` on a GPU, ``mosaic`` on a TPU), in interpret mode everywhere else (CPU CI)."""

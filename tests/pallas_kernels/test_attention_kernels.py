@@ -21,7 +21,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import reference as ref
-from conftest import kernel_kw
+from conftest import attention_sum, kernel_kw
 
 BACKENDS = ("triton", "mosaic")
 MODES = ("window", "hca", "csa")
@@ -271,15 +271,7 @@ def test_lowers_for_accelerator(backend, platform, mode):
     ckv = sd((B, S // (4 if mode == "csa" else 128), D), jnp.bfloat16)
     idx = sd((B, S, 512), jnp.int32)
     kw = dict(window=W, scale=D ** -0.5, backend=backend)
-
-    def f(q, kv, ckv, idx, sink):
-        if mode == "csa":
-            o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
-        elif mode == "hca":
-            o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
-        else:
-            o = pk.window_attention(q, kv, sink, **kw)
-        return jnp.sum(o.astype(jnp.float32))
+    f = attention_sum(mode, **kw)
 
     lowered = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 4))).trace(
         q, kv, ckv, idx, sink).lower(lowering_platforms=(platform,))

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
+from conftest import attention_sum
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed")
 REPO = Path(__file__).resolve().parents[2]
@@ -47,15 +48,7 @@ def test_attention_kernels_compile_for_tpu(mode, topology):
         kw = dict(window=128, scale=D ** -0.5, backend="mosaic")
         if decode:
             kw.update(q_start=ctx - 1, kv_start=ctx - T)
-
-        def f(q, kv, ckv, idx, sink):
-            if mode == "csa":
-                o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
-            elif mode == "hca":
-                o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
-            else:
-                o = pk.window_attention(q, kv, sink, **kw)
-            return jnp.sum(o.astype(jnp.float32))
+        f = attention_sum(mode, **kw)
         g = f if decode else jax.value_and_grad(f, argnums=(0, 1, 2, 4))
         args = (sd((B, S, H, D), jnp.bfloat16), sd((B, T, D), jnp.bfloat16), sd((B, N, D), jnp.bfloat16),
                 sd((B, S, 512), jnp.int32), sd((H,), jnp.float32))

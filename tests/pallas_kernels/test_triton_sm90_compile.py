@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
+from conftest import attention_sum
 from pallas_kernels import _triton
 
 triton = pytest.importorskip("triton")
@@ -60,15 +61,7 @@ def _lower(mode, H, D, decode, fp8=False):
     kw = dict(window=128, scale=D ** -0.5, backend="triton")
     if decode:
         kw.update(q_start=ctx - 1, kv_start=ctx - T)
-
-    def loss(q, kv, ckv, idx, sink):
-        if mode == "csa":
-            o = pk.sparse_attention(q, kv, ckv, idx, sink, **kw)
-        elif mode == "hca":
-            o = pk.compressed_attention(q, kv, ckv, sink, ratio=128, **kw)
-        else:
-            o = pk.window_attention(q, kv, sink, **kw)
-        return jnp.sum(o.astype(jnp.float32))
+    loss = attention_sum(mode, **kw)
 
     f = loss if decode else jax.grad(loss, argnums=(0, 1, 2, 4))
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
