@@ -192,8 +192,8 @@ def tpu_devices(topology: str):
 def compile_for_tpu(cfg: Config, topology: str) -> dict:
     """Compile the training step ahead of time for the TPU slice ``topology`` from this machine (no
     TPU, no data): the Pallas kernels go through Mosaic and the step through XLA's TPU compiler,
-    which refuses a step that does not fit in the chips' memory. Returns the per-device memory
-    (GiB) and the compile time."""
+    which refuses a step whose temporaries alone exceed a chip's memory. Returns the per-device
+    memory (GiB: the total, to compare with a chip's HBM, and its parts) and the compile time."""
     if cfg.model.moe_impl == "pallas":
         raise ConfigError("model.moe_impl=pallas is a GPU kernel (there is no TPU one): set model.moe_impl=xla "
                           "(ragged_dot, which XLA lowers natively on TPU)")
