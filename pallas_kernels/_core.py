@@ -70,16 +70,16 @@ def resolve_backend(backend: str | None, interpret: bool) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         return backend
-    platform_ = platform()
-    if platform_ == "gpu":
+    target = platform()
+    if target == "gpu":
         return "triton"
-    if platform_ == "tpu":
+    if target == "tpu":
         return "mosaic"
     if interpret:
         return "triton"
     raise ValueError(
         f"The Pallas attention kernels need a GPU or TPU, but the default JAX backend is "
-        f"{platform_!r}. Pass interpret=True to run the kernel in Pallas interpret mode, or "
+        f"{target!r}. Pass interpret=True to run the kernel in Pallas interpret mode, or "
         f"backend='xla' to use the plain-JAX reference explicitly.")
 
 

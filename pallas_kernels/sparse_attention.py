@@ -26,7 +26,8 @@ def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q
       scale: score scale.
       q_start, kv_start: int or int32 scalars >= 0 (may be traced; a traced value is not checked).
       interpret: run the Pallas kernel in interpret mode (any platform, slow).
-      backend: None (by ``jax.default_backend()``), "triton", "mosaic" or "xla" (reference).
+      backend: None (by the platform: ``jax.default_backend()``, or ``target_platform``'s), "triton",
+        "mosaic" or "xla" (reference).
     Returns:
       [B, S, H, D] in q's dtype.
     """

@@ -1,8 +1,8 @@
 """Device mesh and the logical-axis -> mesh-axis table (the one place model code meets a mesh).
 
 Parameters carry logical axis names (``out_sharding`` metadata set by ``layers.param``); ``RULES``
-maps each name to mesh axes. A dimension whose size the mesh axis does not divide stays
-replicated. Batches are split over ``("data", "fsdp", "expert")`` (the expert axis is a data axis for
+maps each name to mesh axes; a dimension is split over those of them that divide it (none:
+replicated). Batches are split over ``("data", "fsdp", "expert")`` (the expert axis is a data axis for
 everything but the routed experts, see ``moe.Experts``).
 """
 from __future__ import annotations
@@ -60,10 +60,11 @@ def spec_for(shape, logical, mesh: Mesh) -> P:
     left out; unnamed dimensions are replicated)."""
     out, used = [], set()
     for dim, name in zip(shape, logical or (None,) * len(shape)):
-        axes = []
+        axes, size = [], 1
         for a in RULES.get(name, ()):
-            if mesh.shape[a] > 1 and a not in used and dim % (math.prod(mesh.shape[b] for b in axes) * mesh.shape[a]) == 0:
+            if mesh.shape[a] > 1 and a not in used and dim % (size * mesh.shape[a]) == 0:
                 axes.append(a)
+                size *= mesh.shape[a]
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
