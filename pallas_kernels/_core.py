@@ -145,18 +145,22 @@ def _validate_fp8(ckv: Fp8Entries, B: int, D: int):
                          f"({codes.dtype}, {exps.dtype})")
 
 
+def pick_rows(ckv, topk_idx):
+    """The rows of ``ckv`` (``[B, N, ...]``, or ``Fp8Entries``) that ``topk_idx [B, S, K]`` names, in
+    top-k order, and the indices renumbered into them: -> (``[B, S*K, ...]``, ``[B, S, K]``)."""
+    B, S, K = topk_idx.shape
+    flat = jnp.maximum(topk_idx.reshape(B, S * K), 0)
+    picked = jax.tree.map(lambda a: jnp.take_along_axis(a, flat[..., None], axis=1), ckv)
+    slots = jnp.arange(S * K, dtype=topk_idx.dtype).reshape(S, K)
+    return picked, jnp.where(topk_idx >= 0, slots, -1)
+
+
 def dequant_for(mode, ckv: Fp8Entries, topk_idx, dtype):
     """FP8 entries as an array for kernels that do not decode them: all rows (HCA), or for CSA
     only the picked rows when they are fewer (decoding), renumbered in top-k order:
     -> (ckv ``[B, N', D]``, topk_idx)."""
-    B, N = ckv.codes.shape[:2]
-    if mode == "csa":
-        S, K = topk_idx.shape[1:]
-        if S * K < N:
-            flat = jnp.maximum(topk_idx.reshape(B, S * K), 0)
-            picked = Fp8Entries(*(jnp.take_along_axis(a, flat[..., None], axis=1) for a in ckv))
-            slots = jnp.arange(S * K, dtype=topk_idx.dtype).reshape(S, K)
-            return reference.dequant_fp8_entries(picked, dtype), jnp.where(topk_idx >= 0, slots, -1)
+    if mode == "csa" and topk_idx.shape[1] * topk_idx.shape[2] < ckv.codes.shape[1]:
+        ckv, topk_idx = pick_rows(ckv, topk_idx)
     return reference.dequant_fp8_entries(ckv, dtype), topk_idx
 
 
@@ -233,6 +237,13 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
         if mode == "hca":
             return reference.compressed_attention(q, kv, ckv, sink, ratio=ratio, **kw)
         return reference.window_attention(q, kv, sink, **kw)
+    if (mode == "csa" and backend == "mosaic"
+            and topk_idx.shape[1] * topk_idx.shape[2] < ckv.shape[1]):
+        # The TPU kernels visit the entries between a query block's smallest and largest pick
+        # densely: with fewer picks than entries (decoding, short chunks of a long context), the
+        # picked rows gathered first are fewer bytes and fewer tiles (the gather's gradient is
+        # the scatter-add into ckv).
+        ckv, topk_idx = pick_rows(ckv, topk_idx)
     if mode != "window" and jax.tree.leaves(ckv)[0].shape[1] == 0:
         mode = "window"  # no complete compressed entry yet (S < ratio): d ckv is then empty
     ckv = None if mode == "window" else ckv

@@ -14,6 +14,7 @@ TPU kernels cannot gather rows from VMEM cheaply, so this family works on dense,
   ``[bq, K]`` index block), i.e. it visits the tiles between the smallest and largest selected
   entry of the query block densely. That costs O(S*N) instead of O(S*K) MXU work (TPU
   trade-off: no per-row gather), but needs no atomics: dckv is key-major and deterministic.
+  With fewer picks than entries (decoding), ``_core.run`` gathers the picked rows first.
 
 Backward: dq query-major (as the forward); dkv / dckv key-major, one program per key tile
 looping over the query blocks that see it (window: positions p..p+window-1; HCA: queries

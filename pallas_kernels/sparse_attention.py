@@ -2,7 +2,8 @@
 
 Kernels: ``_triton.py`` (GPU; gathers the top-k rows per query position, all heads of that
 position in one tile; dckv through float32 atomics) and ``_mosaic.py`` (TPU; dense tiles of
-compressed entries weighted by how often each entry appears in the query's top-k row).
+compressed entries weighted by how often each entry appears in the query's top-k row; the
+picked rows are gathered first when they are fewer than the entries, as in decoding).
 Semantics: ``reference.sparse_attention``.
 """
 from __future__ import annotations

@@ -181,6 +181,42 @@ def test_decode_with_window_buffer(backend, mode):
     _assert_close(kernel(jnp.int32(t)), expected, 1e-5)
 
 
+def test_tpu_csa_gathers_the_picks_when_fewer_than_the_entries():
+    """A short chunk over a long context (S·K < N): the TPU kernel gets only the picked rows (not
+    every entry between the smallest and largest pick), with values and gradients unchanged."""
+    rng = np.random.default_rng(5)
+    B, S, H, D, W, K, q_start = 2, 3, 4, 64, 8, 6, 3990
+    N = (q_start + S) // CSA_RATIO
+    q, do = (jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32) for _ in range(2))
+    kv = jnp.asarray(rng.standard_normal((B, q_start + S, D)), jnp.float32)
+    ckv = jnp.asarray(rng.standard_normal((B, N, D)), jnp.float32)
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = _topk(rng, B, S, K, q_start, N).at[:, 0, 0].set(N - 1).at[:, 1, 0].set(0)
+    args = dict(idx=idx)
+    kw = dict(window=W, scale=D ** -0.5, q_start=q_start)
+    kernel = _call("csa", pk, args, kw, **kernel_kw("mosaic"))
+    got = _value_and_grads(kernel, q, kv, ckv, sink, do)
+    _assert_close(got, _value_and_grads(_call("csa", ref, args, kw), q, kv, ckv, sink, do), 1e-5)
+    # the forward kernel's operands kv, ckv: the S*K = 18 picked rows in one 128-row tile
+    operands = [v.aval.shape for v in _pallas_calls(jax.make_jaxpr(kernel)(q, kv, ckv, sink).jaxpr)[0].invars]
+    assert operands[3:5] == [(B, 4096, D), (B, 128, D)], operands
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of a jaxpr, in order, through nested jaxprs."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found += _pallas_calls(sub)
+    return found
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_compressed_entries_yet(backend):
     """S < ratio: ckv is [B, 0, D]; HCA and CSA reduce to window attention, d ckv is empty."""
