@@ -311,6 +311,57 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+_FSDP_SCRIPT = """
+import re, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import nnx
+from jax.sharding import Mesh
+from conftest import small_config
+from v4jax import sharding
+from v4jax.config import TrainConfig
+from v4jax.model.transformer import Transformer
+from v4jax.train_step import make_train_step
+
+if sys.argv[1] == "free":  # the partitioner left to itself: no gather of the weights before use
+    sharding.for_compute.__code__ = (lambda x, param: x).__code__
+cfg = small_config(hidden_size=96)
+model = Transformer(cfg, mode="production", rngs=nnx.Rngs(0))
+graph, params, rest = nnx.split(model, nnx.Param, ...)
+tx = optax.sgd(1e-3)
+mesh = Mesh(np.asarray(jax.devices()).reshape(1, 2, 2, 1), sharding.AXES)
+params = jax.device_put(nnx.to_pure_dict(params), sharding.param_shardings(params, mesh))
+state = {"params": params, "buffers": nnx.to_pure_dict(rest), "opt_state": tx.init(params),
+         "step": jnp.zeros((), jnp.int32)}
+tokens = jax.device_put(jax.random.randint(jax.random.key(1), (8, 41), 0, cfg.vocab_size),
+                        sharding.batch_sharding(mesh))
+with jax.set_mesh(mesh):
+    step = make_train_step(graph, cfg, TrainConfig(mode="production"), tx, lambda s: 1.0)
+    text = jax.jit(step).lower(state, tokens).compile().as_text()
+rows = {int(b) for b in re.findall(r"\\[(\\d+),4[01],\\d+", text)}  # [sequences, positions, width]
+print(sorted(rows))
+"""
+
+
+@pytest.mark.slow
+def test_weights_are_gathered_so_each_device_computes_its_own_sequences():
+    """FSDP on a fsdp=2 x expert=2 mesh (4 host devices): the compiled training step's activations
+    ``[sequences, positions, width]`` hold each device's 2 of the 8 sequences, never all 8. Left to
+    itself the partitioner computes some matmuls for the whole batch on every device (the weights'
+    contracting dimension is split over the same axes as the batch; on V4-Flash over 256 TPU chips
+    this was a 64 GiB product), which the check sees too."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    rows = {}
+    for how in ("gathered", "free"):
+        out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT, how], capture_output=True, text=True, env=env,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[how] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rows["gathered"] == [2] and 8 in rows["free"], rows
+
+
 def test_out_of_memory_names_the_settings_that_lower_it():
     from v4jax.config import TrainConfig
     from v4jax.trainer import out_of_memory
@@ -508,8 +559,11 @@ def test_training_on_two_processes_matches_one_device(tmp_path):
         port = s.getsockname()[1]
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(TINY), "--workdir", str(work), "--quiet",
            *FAST, *exact, "checkpoint.every=1000", "mesh.data=1", "mesh.expert=2"]
+    # no persistent compilation cache: on CPU, the step (it has all-gathers) that both processes load from
+    # the cache runs mismatched collectives (gloo: "collective mismatch"; JAX 0.10.2); compiled afresh it runs
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_NUM_PROCESSES="2",
+        JAX_ENABLE_COMPILATION_CACHE="false",
         JAX_PROCESS_ID=str(i), JAX_COORDINATOR_ADDRESS=f"localhost:{port}")) for i in range(2)]
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):

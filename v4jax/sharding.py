@@ -7,6 +7,7 @@ everything but the routed experts, see ``moe.Experts``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -54,20 +55,50 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), AXES)
 
 
-def spec_for(shape, logical, mesh: Mesh) -> P:
-    """PartitionSpec of one array from its logical axis names (``RULES``; a mesh axis of size 1, one an
+def spec_for(shape, logical, mesh: Mesh, rules: dict = RULES) -> P:
+    """PartitionSpec of one array from its logical axis names (``rules``; a mesh axis of size 1, one an
     earlier dimension uses, or one whose size with the axes before it does not divide the dimension is
     left out; unnamed dimensions are replicated)."""
     out, used = [], set()
     for dim, name in zip(shape, logical or (None,) * len(shape)):
         axes, size = [], 1
-        for a in RULES.get(name, ()):
+        for a in rules.get(name, ()):
             if mesh.shape[a] > 1 and a not in used and dim % (size * mesh.shape[a]) == 0:
                 axes.append(a)
                 size *= mesh.shape[a]
         used.update(axes)
         out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
     return P(*out)
+
+
+_GATHER: list[bool] = []  # set by ``gathered_weights``
+
+
+@contextlib.contextmanager
+def gathered_weights():
+    """While tracing under this context (the training step), ``for_compute`` gathers the dense weights
+    where they are used: FSDP. Outside it (inference) XLA's partitioner chooses, which for decoding's
+    few rows rightly keeps each weight where it lies and sums the small partial products instead."""
+    _GATHER.append(True)
+    try:
+        yield
+    finally:
+        _GATHER.pop()
+
+
+def for_compute(x, param: nnx.Variable):
+    """``x``, the value of the parameter ``param`` (or one computed from it, of the same shape), split over
+    the current mesh only as it is computed with (inside ``gathered_weights``): over ``tensor``, gathered
+    over the batch axes (data, fsdp, expert) that split it at rest. This is FSDP's all-gather before use
+    (the backward pass sums the gradient back onto the shards): left free in training, XLA's partitioner
+    may instead keep the weight where it lies and compute every sequence of the global batch on every
+    device (V4-Flash on 256 TPU chips: a 64 GiB ``[256, 4096, 32768]`` partial product, summed over all
+    of them). Outside ``gathered_weights``, without a mesh, or inside ``shard_map``: ``x`` as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not _GATHER or mesh.empty or mesh.manual_axes or not set(AXES) <= set(mesh.axis_names):
+        return x
+    logical = param.get_metadata().get("out_sharding")
+    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _COMPUTE_RULES))
 
 
 def param_shardings(params_state: nnx.State, mesh: Mesh):
@@ -127,6 +158,7 @@ def follow_params(tree, params, param_sharding, mesh: Mesh):
 
 
 BATCH_AXES = ("data", "fsdp", "expert")
+_COMPUTE_RULES = {name: tuple(a for a in axes if a not in BATCH_AXES) for name, axes in RULES.items()}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from v4jax.config import ModelConfig, TrainConfig
 from v4jax.hf.names import expected_tensors, path_to_name, tensor_names
-from v4jax.sharding import BATCH_AXES
+from v4jax.sharding import BATCH_AXES, for_compute, gathered_weights
 from v4jax.model.layers import dot_f32
 
 
@@ -112,7 +112,7 @@ def compute_loss(model, tokens, cfg: ModelConfig, tcfg: TrainConfig):
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     _, X, _, infos = model(inputs, train=True, remat=tcfg.remat, logits=False, scan=tcfg.scan_layers)
-    head = model.head.weight[...]
+    head = for_compute(model.head.weight[...], model.head.weight)
     kw = dict(precision=tcfg.head_precision, bf16_head=tcfg.bf16_weight_qat)
     ce = chunked_cross_entropy(model.head_inputs(X), head, targets, **kw)
     metrics = {"loss": ce}                     # the next-token cross-entropy
@@ -192,7 +192,8 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
         if tcfg.bf16_weight_qat:
             params = round_bf16_tensors(params, cfg)
         model = nnx.merge(graphdef, nnx.State(params), nnx.State(buffers))
-        loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
+        with gathered_weights():  # FSDP under a mesh
+            loss, metrics, counts = compute_loss(model, tokens, cfg, tcfg)
         return loss, (metrics, counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

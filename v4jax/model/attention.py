@@ -29,7 +29,7 @@ from v4jax.model import layers
 from v4jax.model.layers import (Linear, Numerics, RMSNorm, WeightLayout, init_normal, placeholder,
                                 fp8_scale_shape, param, rms_norm)
 from v4jax.model.rope import apply_rope, layer_frequencies, rope_tables
-from v4jax.sharding import local_call
+from v4jax.sharding import for_compute, local_call
 
 
 class GroupedLinear(nnx.Module):
@@ -54,13 +54,14 @@ class GroupedLinear(nnx.Module):
 
     def dequantized(self, dtype=jnp.float32):
         if self.fmt == "fp8":
-            w = quant.dequant_fp8(self.weight[...], self.scale[...], jnp.float32)
-            return w.reshape(self.groups, self.rank, self.in_dim).astype(dtype)
+            w = for_compute(quant.dequant_fp8(self.weight[...], self.scale[...], jnp.float32).astype(dtype),
+                            self.weight)
+            return w.reshape(self.groups, self.rank, self.in_dim)
         w = self.weight[...]
         if self.numerics.fp8_weights:  # QAT on the release's [G·r, in] FP8 layout
             flat = quant.straight_through(w.reshape(-1, self.in_dim), quant.fake_quant_fp8_weight)
             w = flat.reshape(w.shape)
-        return w.astype(dtype)
+        return for_compute(w.astype(dtype), self.weight)
 
     def __call__(self, o):
         """o ``[..., G, H·hd/G]`` -> ``[..., G·r]``."""
@@ -330,7 +331,9 @@ def indexer_train(qi, w, ik, q, ckv, *, topk: int, scale: float, chunk: int = IN
         scores = reference.indexer_scores(qi_c, w_c, ik, ratio=4, q_start=c * C)
         real = (c * C + jnp.arange(C)) < S                          # padding queries select nothing
         scores = jnp.where(real[None, :, None], scores, -jnp.inf)
-        return reference.topk_indices(jax.lax.stop_gradient(scores), topk), _indexer_kl_sum(scores, q_c, ckv, scale)
+        # each device's rows (under a mesh, the partitioner would gather the top-k's input over the batch)
+        idx = local_call(reference.topk_indices, (jax.lax.stop_gradient(scores),), ("rows",), "rows", k=topk)
+        return idx, _indexer_kl_sum(scores, q_c, ckv, scale)
 
     idx, (total, count) = jax.lax.map(one, (jnp.arange(n), split(qi), split(w), split(q)))
     idx = jnp.swapaxes(idx, 0, 1).reshape(B, n * C, -1)[:, :S]

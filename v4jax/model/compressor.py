@@ -21,6 +21,7 @@ from flax import nnx
 from v4jax.model.cache import ring_from_rows, ring_from_sequence
 from v4jax.model.layers import HIGHEST, Linear, Numerics, RMSNorm, dot_f32, param
 from v4jax.model.rope import apply_rope, rope_tables
+from v4jax.sharding import for_compute
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,8 +73,9 @@ class Compressor(nnx.Module):
 
     def project(self, x, pos):
         """x ``[B, S, D]``, pos int ``[S]`` -> (k, s) fp32 ``[B, S, c·d]``."""
-        k = dot_f32(x, self.wkv.weight[...])   # stored BF16 in the release (dot_f32 keeps it so on a GPU)
-        s = dot_f32(x, self.wgate.weight[...]) + self.ape[...][pos % self.ratio]
+        # stored BF16 in the release (dot_f32 keeps it so on a GPU)
+        k = dot_f32(x, for_compute(self.wkv.weight[...], self.wkv.weight))
+        s = dot_f32(x, for_compute(self.wgate.weight[...], self.wgate.weight)) + self.ape[...][pos % self.ratio]
         return k, s
 
     def finish(self, entries, j):

@@ -67,7 +67,7 @@ class Indexer(nnx.Module):
     def select(self, q, w, k, pos):
         """Top-k entries per query: int32 ``[B, S, topk]`` (-1 where fewer entries exist). k: keys
         ``[B, N, ID]`` or ``Fp4Keys`` (the kernel decodes them tile by tile)."""
-        if self.impl != "pallas":
-            return pallas_kernels.indexer_topk(q, w, k, self.topk, ratio=4, q_start=pos[0], backend="xla")
+        # on each device's rows (under a mesh, the partitioner may gather a top-k's input over the batch)
+        kw = dict(backend="xla") if self.impl != "pallas" else layers.kernel_kw()
         return local_call(pallas_kernels.indexer_topk, (q, w, k), ("rows", "rows", "rows"), "rows", topk=self.topk,
-                          ratio=4, q_start=pos[0], **layers.kernel_kw())
+                          ratio=4, q_start=pos[0], **kw)

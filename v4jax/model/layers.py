@@ -20,6 +20,7 @@ from flax import nnx
 from pallas_kernels._core import platform
 from v4jax import quant
 from v4jax.config import MODES
+from v4jax.sharding import for_compute
 
 
 KV_CACHES = ("auto", "fp8")
@@ -216,11 +217,12 @@ class Linear(nnx.Module):
     def dequantized(self, dtype=jnp.float32):
         """The weight ``[out, in]`` as ``dtype``."""
         if self.fmt == "fp8":
-            return quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
-        w = self.weight[...]
-        if self.qat_input and self.numerics.fp8_weights:  # an FP8 layer of the release
-            w = quant.straight_through(w, quant.fake_quant_fp8_weight)
-        return w.astype(dtype)
+            w = quant.dequant_fp8(self.weight[...], self.scale[...], dtype)
+        else:
+            w = self.weight[...]
+            if self.qat_input and self.numerics.fp8_weights:  # an FP8 layer of the release
+                w = quant.straight_through(w, quant.fake_quant_fp8_weight)
+        return for_compute(w.astype(dtype), self.weight)
 
     def __call__(self, x):
         if self.numerics.qat and self.qat_input:
@@ -235,4 +237,4 @@ class Embed(nnx.Module):
                             ("vocab", "embed"))
 
     def __call__(self, tokens):
-        return jnp.take(self.weight[...], tokens, axis=0).astype(self.numerics.dtype)
+        return jnp.take(for_compute(self.weight[...].astype(self.numerics.dtype), self.weight), tokens, axis=0)

@@ -58,7 +58,7 @@ class Gate(nnx.Module):
 
     def __call__(self, x, tokens):
         """x ``[T, D]``, tokens int ``[T]`` -> (experts int32 ``[T, k]``, weights fp32 ``[T, k]``, g ``[T, E]``)."""
-        g = jnp.sqrt(jax.nn.softplus(dot_f32(x, self.weight[...])))
+        g = jnp.sqrt(jax.nn.softplus(dot_f32(x, sharding.for_compute(self.weight[...], self.weight))))
         if self.hashed:
             idx = jnp.take(self.tid2eid[...], tokens, axis=0).astype(jnp.int32)
         else:
