@@ -237,4 +237,7 @@ class Embed(nnx.Module):
                             ("vocab", "embed"))
 
     def __call__(self, tokens):
-        return jnp.take(for_compute(self.weight[...].astype(self.numerics.dtype), self.weight), tokens, axis=0)
+        w, dt = self.weight[...], self.numerics.dtype
+        if jnp.dtype(dt).itemsize < w.dtype.itemsize:  # a mesh then gathers the narrower table
+            w = w.astype(dt)
+        return jnp.take(for_compute(w, self.weight), tokens, axis=0).astype(dt)
