@@ -348,18 +348,16 @@ def test_weights_are_gathered_so_each_device_computes_its_own_sequences():
     ``[sequences, positions, width]`` hold each device's 2 of the 8 sequences, never all 8. Left to
     itself the partitioner computes some matmuls for the whole batch on every device (the weights'
     contracting dimension is split over the same axes as the batch; on V4-Flash over 256 TPU chips
-    this was a 64 GiB product), which the check sees too."""
+    this was a 64 GiB product): with ``sharding.for_compute`` disabled (the script's ``free``) this
+    check sees ``[2, 8]`` (checked when written; not rerun, to keep the suite short)."""
     import os
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    rows = {}
-    for how in ("gathered", "free"):
-        out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT, how], capture_output=True, text=True, env=env,
-                             timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        rows[how] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert rows["gathered"] == [2] and 8 in rows["free"], rows
+    out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT, "gathered"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2]
 
 
 def test_out_of_memory_names_the_settings_that_lower_it():
