@@ -312,7 +312,7 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
 
 
 _FSDP_SCRIPT = """
-import re, sys
+import re
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -322,8 +322,6 @@ from v4jax.config import TrainConfig
 from v4jax.model.transformer import Transformer
 from v4jax.train_step import make_train_step
 
-if sys.argv[1] == "free":  # the partitioner left to itself: no gather of the weights before use
-    sharding.for_compute.__code__ = (lambda x, param: x).__code__
 cfg = small_config(hidden_size=96)
 model = Transformer(cfg, mode="production", rngs=nnx.Rngs(0))
 graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -348,14 +346,13 @@ def test_weights_are_gathered_so_each_device_computes_its_own_sequences():
     ``[sequences, positions, width]`` hold each device's 2 of the 8 sequences, never all 8. Left to
     itself the partitioner computes some matmuls for the whole batch on every device (the weights'
     contracting dimension is split over the same axes as the batch; on V4-Flash over 256 TPU chips
-    this was a 64 GiB product): with ``sharding.for_compute`` disabled (the script's ``free``) this
-    check sees ``[2, 8]`` (checked when written; not rerun, to keep the suite short)."""
+    this was a 64 GiB product): with ``sharding.for_compute`` returning its input unchanged, this check
+    sees ``[2, 8]`` (checked when written; not rerun, to keep the suite short)."""
     import os
 
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT, "gathered"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2]
 
