@@ -203,7 +203,7 @@ from v4jax.model.transformer import Transformer
 from v4jax.train_step import compute_loss
 
 # moe_capacity=2 on the mesh (expert=2): room for every pair, through the capacity path
-cfg = small_config(num_hidden_layers=6, compress_ratios=[0, 4, 8, 4, 8, 4, 0], moe_capacity=2.0)
+cfg = small_config(num_hidden_layers=5, compress_ratios=[0, 4, 8, 4, 8, 0], moe_capacity=2.0)
 model = Transformer(cfg, mode="exact", rngs=nnx.Rngs(0))
 graph, params, rest = nnx.split(model, nnx.Param, ...)
 devices = np.asarray(jax.devices())
@@ -265,7 +265,7 @@ from v4jax.config import TrainConfig
 from v4jax.model.transformer import Transformer
 from v4jax.train_step import make_train_step
 
-cfg = small_config()
+cfg = small_config(num_hidden_layers=2, compress_ratios=[4, 8, 0])
 model = Transformer(cfg, mode="exact", rngs=nnx.Rngs(0))
 graph, params0, rest = nnx.split(model, nnx.Param, ...)
 tx = optax.sgd(1.0)  # the update is minus the gradient

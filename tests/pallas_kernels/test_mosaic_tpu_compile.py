@@ -81,10 +81,11 @@ def test_tpu_topology_errors_name_the_problem():
 
 @pytest.mark.slow
 def test_train_compile_only_for_a_tpu_slice():
-    """``train.py --compile-only``: the tiny config's training step (Pallas kernels for attention and the
+    """``train.py --compile-only``: the tiny config's training step (2 layers: CSA and HCA; Pallas kernels for attention and the
     indexer, expert parallelism over 2 chips, Muon) compiles for a v5p slice of 4 chips."""
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--compile-only", "v5p:2x2x1",
-                          "model.attention_impl=pallas", "mesh.data=2", "mesh.expert=2"], cwd=REPO,
+                          "model.attention_impl=pallas", "mesh.data=2", "mesh.expert=2",
+                          "model.num_hidden_layers=2", "model.compress_ratios=[4,16,0]"], cwd=REPO,
                          capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()

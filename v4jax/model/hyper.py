@@ -24,10 +24,11 @@ def sinkhorn(logits, iters: int, eps: float):
     """Row softmax, then alternate column / row normalisation -> (nearly) doubly stochastic ``[..., hc, hc]``."""
     C = jax.nn.softmax(logits, axis=-1) + eps
     C = C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
+    def row_then_column(_, C):
         C = C / (jnp.sum(C, axis=-1, keepdims=True) + eps)
-        C = C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
-    return C
+        return C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, row_then_column, C)
 
 
 def hc_mixes(X, fn, base, scale, *, iters: int, hc_eps: float, norm_eps: float):
