@@ -40,6 +40,7 @@ class Spec:
     scale: float       # score scale, usually head_dim ** -0.5
     backend: str       # "triton" | "mosaic"
     interpret: bool    # run the Pallas kernel in interpret mode
+    picked: int = 0    # CSA over ``pick_rows`` output: query s's picks are rows s*picked ... (s+1)*picked-1
 
 
 _TARGET: list[str] = []  # set by ``target_platform``
@@ -219,6 +220,55 @@ def _attention_fp8_bwd(spec, res, do):
 attention_fp8.defvjp(_attention_fp8_fwd, _attention_fp8_bwd)
 
 
+_CHUNK_BYTES = 1 << 28  # picked rows gathered at a time by ``csa_in_chunks`` (per device)
+
+
+def tpu_csa_chunk(q, kv, ckv, topk_idx) -> int:
+    """Queries per chunk for ``csa_in_chunks``, or 0 where the Mosaic kernel's dense visit of the
+    entries is cheaper. A query block of ``bq`` positions visits about as many entries as a query
+    sees (``N (T - S/2) / T`` for a causal prefill); over gathered picks it visits ``bq * K`` rows,
+    plus the gather's traffic: chunks pay once that is under half the entries."""
+    from pallas_kernels._mosaic import choose_blocks
+
+    B, S, H, D = q.shape
+    K, N, T = topk_idx.shape[2], ckv.shape[1], kv.shape[1]
+    bq = choose_blocks(H).bq
+    if 2 * bq * K >= N * (T - S / 2) / T:
+        return 0
+    per_query = B * K * D * ckv.dtype.itemsize
+    return max(bq, _CHUNK_BYTES // per_query // bq * bq)
+
+
+def csa_in_chunks(spec: Spec, q, kv, ckv, topk_idx, sink, pos, chunk: int):
+    """CSA (Mosaic) over a long prefill as ``lax.map`` over chunks of ``chunk`` queries: each chunk
+    attends to its own gathered picks (``pick_rows``, ``Spec.picked``) and to the kv rows its
+    window reaches, so the work is O(S*K) rather than O(S*N). The backward pass recomputes each
+    chunk's gather and forward (the gathered rows, S*K*D in all, are never saved); the gather's
+    gradient is a scatter-add."""
+    B, S, H, D = q.shape
+    T, K = kv.shape[1], topk_idx.shape[2]
+    n = -(-S // chunk)
+    L = min(chunk + spec.window - 1, T)
+    spec = dataclasses.replace(spec, picked=K)
+
+    def split(x, value=0):  # [B, S, ...] -> [n, B, chunk, ...]; padded queries pick nothing
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - S)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    firsts = pos[0] + jnp.arange(n, dtype=jnp.int32) * chunk           # first query position
+    starts = jnp.clip(firsts - pos[1] - spec.window + 1, 0, T - L)      # first kv row it reaches
+    kv_rows = jnp.moveaxis(jnp.take(kv, starts[:, None] + jnp.arange(L), axis=1), 1, 0)
+
+    @jax.checkpoint  # the backward recomputes a chunk's gather and forward: nothing of S*K*D is saved
+    def one(args):
+        q_c, kv_c, idx_c, first, start = args
+        rows, slots = pick_rows(ckv, idx_c)
+        return attention(spec, q_c, kv_c, rows, slots, sink, jnp.stack([first, pos[1] + start]))
+
+    o = jax.lax.map(one, (split(q), kv_rows, split(topk_idx, -1), firsts, starts))
+    return jnp.moveaxis(o, 0, 1).reshape(B, n * chunk, H, D)[:, :S]
+
+
 def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_start,
         interpret, backend):
     """Validate, choose the backend and call ``attention`` (or the reference for ``xla``)."""
@@ -237,19 +287,21 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
         if mode == "hca":
             return reference.compressed_attention(q, kv, ckv, sink, ratio=ratio, **kw)
         return reference.window_attention(q, kv, sink, **kw)
+    picked = 0
     if (mode == "csa" and backend == "mosaic"
             and topk_idx.shape[1] * topk_idx.shape[2] < ckv.shape[1]):
         # The TPU kernels visit the entries between a query block's smallest and largest pick
         # densely: with fewer picks than entries (decoding, short chunks of a long context), the
         # picked rows gathered first are fewer bytes and fewer tiles (the gather's gradient is
-        # the scatter-add into ckv).
+        # the scatter-add into ckv), and each query block's picks are its own consecutive rows.
         ckv, topk_idx = pick_rows(ckv, topk_idx)
+        picked = topk_idx.shape[2]
     if mode != "window" and jax.tree.leaves(ckv)[0].shape[1] == 0:
         mode = "window"  # no complete compressed entry yet (S < ratio): d ckv is then empty
     ckv = None if mode == "window" else ckv
     topk_idx = topk_idx.astype(jnp.int32) if mode == "csa" else None
     spec = Spec(mode=mode, window=int(window), ratio=int(ratio) if mode == "hca" else 0,
-                scale=float(scale), backend=backend, interpret=bool(interpret))
+                scale=float(scale), backend=backend, interpret=bool(interpret), picked=picked)
     pos = jnp.stack([jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_start, jnp.int32)])
     # Mixed dtypes compute in the promoted type, like the reference; the output has q's dtype.
     dt = jnp.result_type(*(x for x in (q, kv, ckv.rope if fp8 else ckv) if x is not None))
@@ -258,5 +310,7 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
         o = attention_fp8(spec, cast(q), cast(kv), ckv._replace(rope=cast(ckv.rope)), topk_idx,
                           sink.astype(jnp.float32), pos)
     else:
-        o = attention(spec, cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
+        args = (cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
+        chunk = tpu_csa_chunk(q, kv, args[2], topk_idx) if mode == "csa" and backend == "mosaic" and not picked else 0
+        o = csa_in_chunks(spec, *args, chunk) if chunk else attention(spec, *args)
     return o.astype(q.dtype)

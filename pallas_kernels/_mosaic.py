@@ -14,7 +14,10 @@ TPU kernels cannot gather rows from VMEM cheaply, so this family works on dense,
   ``[bq, K]`` index block), i.e. it visits the tiles between the smallest and largest selected
   entry of the query block densely. That costs O(S*N) instead of O(S*K) MXU work (TPU
   trade-off: no per-row gather), but needs no atomics: dckv is key-major and deterministic.
-  With fewer picks than entries (decoding), ``_core.run`` gathers the picked rows first.
+  With fewer picks than entries (decoding), ``_core.run`` gathers the picked rows first, and for
+  a long prefill it runs chunks of queries over their gathered picks (``_core.csa_in_chunks``);
+  then a query block's picks are its own consecutive rows (``Spec.picked``) and the grids' tile
+  axes are sized for those, not for every entry.
 
 Backward: dq query-major (as the forward); dkv / dckv key-major, one program per key tile
 looping over the query blocks that see it (window: positions p..p+window-1; HCA: queries
@@ -257,6 +260,8 @@ def _query_major_call(spec, blk, q2, kvp, ckvp, idxp, pos, tab, extra, extra_spe
     nqb = rows // blk.M
     n_w = pl.cdiv(spec.window + blk.bq - 1, blk.bk) + 1
     n_c = 0 if ckvp is None else ckvp.shape[1] // blk.bk
+    if spec.picked:  # a block's picks: its bq*K consecutive rows, at most this many tiles
+        n_c = min(n_c, pl.cdiv(blk.bq * spec.picked, blk.bk) + 1)
     n_steps = n_w + n_c
 
     def kv_map(b, i, c, pos_ref, tab_ref):
@@ -354,6 +359,8 @@ def _key_major_call(spec, source, blk, srcp, q2, do2, lse2, delta2, idxp, pos, *
     nqb = rows // blk.M
     nkb = srcp.shape[1] // blk.bk
     n_q = pl.cdiv(blk.bk + spec.window - 1, blk.bq) + 1 if source == "window" else nqb
+    if source == "csa" and spec.picked:  # a tile's rows belong to consecutive queries: few blocks
+        n_q = min(nqb, pl.cdiv(blk.bk, blk.bq * spec.picked) + 1)
     tab = _plan_keys(spec, source, blk, B, S, R, nqb, idxp, pos)
 
     def qblock(b, k, c, pos_ref, tab_ref):

@@ -181,11 +181,13 @@ def test_decode_with_window_buffer(backend, mode):
     _assert_close(kernel(jnp.int32(t)), expected, 1e-5)
 
 
-def test_tpu_csa_gathers_the_picks_when_fewer_than_the_entries():
+@pytest.mark.parametrize("B,S,H,K,q_start", [(2, 3, 4, 6, 3990), (1, 40, 64, 8, 2000)], ids=["h4", "h64"])
+def test_tpu_csa_gathers_the_picks_when_fewer_than_the_entries(B, S, H, K, q_start):
     """A short chunk over a long context (S·K < N): the TPU kernel gets only the picked rows (not
-    every entry between the smallest and largest pick), with values and gradients unchanged."""
+    every entry between the smallest and largest pick), with values and gradients unchanged, and
+    its programs visit only their own picks' tiles."""
     rng = np.random.default_rng(5)
-    B, S, H, D, W, K, q_start = 2, 3, 4, 64, 8, 6, 3990
+    D, W = 64, 8
     N = (q_start + S) // CSA_RATIO
     q, do = (jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32) for _ in range(2))
     kv = jnp.asarray(rng.standard_normal((B, q_start + S, D)), jnp.float32)
@@ -197,9 +199,45 @@ def test_tpu_csa_gathers_the_picks_when_fewer_than_the_entries():
     kernel = _call("csa", pk, args, kw, **kernel_kw("mosaic"))
     got = _value_and_grads(kernel, q, kv, ckv, sink, do)
     _assert_close(got, _value_and_grads(_call("csa", ref, args, kw), q, kv, ckv, sink, do), 1e-5)
-    # the forward kernel's operands kv, ckv: the S*K = 18 picked rows in one 128-row tile
-    operands = [v.aval.shape for v in _pallas_calls(jax.make_jaxpr(kernel)(q, kv, ckv, sink).jaxpr)[0].invars]
-    assert operands[3:5] == [(B, 4096, D), (B, 128, D)], operands
+    calls = {e.params["name"]: e for e in _pallas_calls(
+        jax.make_jaxpr(lambda *a: _value_and_grads(kernel, *a))(q, kv, ckv, sink, do).jaxpr)}
+    fwd, dckv = calls["v4_csa_attention_fwd"], calls["v4_csa_attention_dkv"]
+    operands = [v.aval.shape for v in fwd.invars]
+    if H == 4:  # the forward kernel's operands kv, ckv: the S*K = 18 picked rows in one 128-row tile
+        assert operands[3:5] == [(B, 4096, D), (B, 128, D)], operands
+    else:  # 320 picked rows in 3 tiles; a program's 8 queries x 8 picks span at most 2 of them, and
+        # its grid steps are 2 window tiles + those 2; a tile's d(ckv) program loops over the at most
+        # 3 query blocks its rows belong to, not over all 5
+        assert operands[4] == (B, 384, D), operands
+        assert fwd.params["grid_mapping"].grid == (B, 5, 2 + 2), fwd.params["grid_mapping"].grid
+        assert dckv.params["grid_mapping"].grid == (B, 3, 3), dckv.params["grid_mapping"].grid
+
+
+@pytest.mark.parametrize("q_start,S", [(0, 300), (100, 300)], ids=["prefill", "chunk"])
+def test_tpu_csa_long_prefill_runs_over_the_picks_in_chunks(monkeypatch, q_start, S):
+    """Many more entries than a query block's picks, and S*K >= N (a long prefill): the TPU kernel
+    runs over chunks of 64 queries (the last one ragged), each over its own gathered picks and the
+    kv rows its window reaches, with the reference's values and gradients."""
+    from pallas_kernels import _core
+
+    rng = np.random.default_rng(7)
+    B, H, D, W, K = 1, 64, 64, 8, 2
+    monkeypatch.setattr(_core, "_CHUNK_BYTES", 64 * B * K * D * 4)  # 64 queries per chunk
+    N = (q_start + S) // CSA_RATIO
+    q, do = (jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32) for _ in range(2))
+    kv = jnp.asarray(rng.standard_normal((B, q_start + S, D)), jnp.float32)
+    ckv = jnp.asarray(rng.standard_normal((B, N, D)), jnp.float32)
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = _topk(rng, B, S, K, q_start, N)
+    assert S * K >= N
+    args, kw = dict(idx=idx), dict(window=W, scale=D ** -0.5, q_start=q_start)
+    kernel = _call("csa", pk, args, kw, **kernel_kw("mosaic"))
+    got = _value_and_grads(kernel, q, kv, ckv, sink, do)
+    _assert_close(got, _value_and_grads(_call("csa", ref, args, kw), q, kv, ckv, sink, do), 1e-5)
+    jaxpr = jax.make_jaxpr(lambda *a: _value_and_grads(kernel, *a))(q, kv, ckv, sink, do).jaxpr
+    fwd = next(e for e in _pallas_calls(jaxpr) if e.params["name"] == "v4_csa_attention_fwd")
+    # 64 queries: 64 + W - 1 rows of kv and 64 * K picked rows, each padded to one 128-row tile
+    assert [v.aval.shape for v in fwd.invars][3:5] == [(B, 128, D), (B, 128, D)]
 
 
 def _pallas_calls(jaxpr):

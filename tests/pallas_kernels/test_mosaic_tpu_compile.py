@@ -36,7 +36,8 @@ def _one_chip(topology):
 @pytest.mark.parametrize("mode", ["window", "hca", "csa"])
 def test_attention_kernels_compile_for_tpu(mode, topology):
     """Forward + backward of a 1K-token prefill and a decoding step at 64K context, V4-Flash shapes
-    (64 heads, head dim 512, window 128, top-k 512), bf16."""
+    (64 heads, head dim 512, window 128, top-k 512), bf16; for CSA on v5p also forward + backward
+    of an 8K-token chunk at 128K context (``csa_in_chunks``)."""
     rep = _one_chip(topology)
 
     def sd(shape, dtype):
@@ -54,6 +55,16 @@ def test_attention_kernels_compile_for_tpu(mode, topology):
                 sd((B, S, 512), jnp.int32), sd((H,), jnp.float32))
         compiled = jax.jit(g).trace(*args).lower().compile()
         assert compiled.as_text().count("tpu_custom_call") >= (1 if decode else 3)
+    if mode == "csa" and topology == "v5p:2x2x1":
+        # an 8K-query chunk at 128K context runs as chunks of queries over their gathered picks; the
+        # backward recomputes them: the temporaries hold no 8K x 512 picked rows (4 GiB in bf16)
+        S, T = 8192, 1 << 17
+        f = attention_sum(mode, window=128, scale=D ** -0.5, backend="mosaic", q_start=T - S)
+        args = (sd((1, S, H, D), jnp.bfloat16), sd((1, T, D), jnp.bfloat16), sd((1, T // 4, D), jnp.bfloat16),
+                sd((1, S, 512), jnp.int32), sd((H,), jnp.float32))
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 4))).trace(*args).lower().compile()
+        assert compiled.as_text().count("tpu_custom_call") >= 4 and "while" in compiled.as_text()
+        assert compiled.memory_analysis().temp_size_in_bytes < (1 << 30)
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
