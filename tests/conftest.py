@@ -34,12 +34,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir(
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
-def pytest_collection_modifyitems(items):
-    """Slow tests first (stable order otherwise): the xdist workers then end on short tests together,
-    instead of one idling while the other runs a late slow test."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def golden_dir() -> Path | None:
     d = Path(os.environ.get("V4JAX_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
     return d if (d / "tiny" / "checkpoint" / "config.json").is_file() else None

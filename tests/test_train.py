@@ -172,7 +172,7 @@ def test_qat_training_gradients_reach_every_layer():
             logits = nnx.merge(graph, p, rest)(tokens)[0]
             return cross_entropy(logits[:, :-1], tokens[:, 1:])
 
-        grads = nnx.to_flat_state(jax.grad(loss)(params))
+        grads = nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
         norms[mode] = {".".join(map(str, k)): float(jnp.linalg.norm(v[...])) for k, v in grads
                        if k[:2] == ("layers", 0) and k[2:4] in (("attn", "wq_a"), ("attn", "wq_b"), ("attn", "wkv"),
                                                                  ("attn", "wo_b"), ("ffn", "shared_experts"))}
