@@ -311,6 +311,7 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
                           sink.astype(jnp.float32), pos)
     else:
         args = (cast(q), cast(kv), cast(ckv), topk_idx, sink.astype(jnp.float32), pos)
-        chunk = tpu_csa_chunk(q, kv, args[2], topk_idx) if mode == "csa" and backend == "mosaic" and not picked else 0
+        long_tpu_csa = mode == "csa" and backend == "mosaic" and not picked
+        chunk = tpu_csa_chunk(q, kv, args[2], topk_idx) if long_tpu_csa else 0
         o = csa_in_chunks(spec, *args, chunk) if chunk else attention(spec, *args)
     return o.astype(q.dtype)

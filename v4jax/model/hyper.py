@@ -24,6 +24,7 @@ def sinkhorn(logits, iters: int, eps: float):
     """Row softmax, then alternate column / row normalisation -> (nearly) doubly stochastic ``[..., hc, hc]``."""
     C = jax.nn.softmax(logits, axis=-1) + eps
     C = C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
+
     def row_then_column(_, C):
         C = C / (jnp.sum(C, axis=-1, keepdims=True) + eps)
         return C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
