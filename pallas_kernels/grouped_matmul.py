@@ -12,9 +12,11 @@ no row masks. The layout costs at most ``min(E, M)`` extra tiles and two row gat
 output back). Backward: ``dx`` is the same kernel against ``w`` untransposed, ``dw`` a kernel that
 sums each group's tiles; the cotangent is cast to x's dtype for both (tensor-core inputs).
 
-Backends: ``triton`` (GPU; ``interpret=True`` runs it anywhere), ``xla`` (``reference.
-grouped_matmul``: ``ragged_dot``, which XLA lowers natively on TPU). There is no Mosaic (TPU)
-kernel: ``backend="mosaic"`` is an error that says so.
+Backends: ``triton`` (GPU; ``interpret=True`` runs it anywhere); ``mosaic`` (TPU): the forward
+and ``dx`` are ``ragged_dot``, which XLA's TPU compiler lowers to a grouped matmul of its own, and
+``dw`` the Pallas kernel of ``_gmm_mosaic.py``, because XLA lowers that transpose to a dense
+product per group (E times the work); ``xla`` (``reference.grouped_matmul``: ``ragged_dot``
+throughout).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _core, _gmm, reference
+from pallas_kernels import _core, _gmm, _gmm_mosaic, reference
 
 
 class Layout(NamedTuple):
@@ -105,6 +107,31 @@ def _tiled_bwd(static, res, dout):
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mosaic(interpret: bool, x, w, group_sizes):
+    return reference.grouped_matmul(x, w, group_sizes)
+
+
+def _mosaic_fwd(interpret, x, w, group_sizes):
+    return _mosaic(interpret, x, w, group_sizes), (x, w, group_sizes)
+
+
+def _mosaic_bwd(interpret, res, dout):
+    x, w, group_sizes = res
+    g = dout.astype(x.dtype)
+    dx = jax.lax.ragged_dot(g, w, group_sizes, precision=reference._precision(x.dtype),
+                            preferred_element_type=x.dtype)
+    # dw's blocks take whole dims up to 512 and multiples of 128 beyond
+    (M, K), N = x.shape, w.shape[1]
+    Kp, Np = (n if n <= 512 else pl.cdiv(n, 128) * 128 for n in (K, N))
+    dw = _gmm_mosaic.tgmm(_pad(x, (M, Kp)), _pad(g, (M, Np)), group_sizes, out_dtype=w.dtype,
+                          interpret=interpret)[:, :N, :K]
+    return dx, dw, None
+
+
+_mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)
+
+
 def _padded_dim(n: int, edge: int) -> int:
     return max(16, pl.next_power_of_2(n)) if n <= edge else pl.cdiv(n, edge) * edge
 
@@ -124,7 +151,7 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool 
         in the promoted one. float32 runs at full precision, bfloat16 on tensor cores.
       group_sizes: int [E], rows per group (may be traced); sum <= M.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
-      backend: "triton" | "xla" | None (by platform). "xla" is ``reference.grouped_matmul``.
+      backend: "triton" | "mosaic" | "xla" | None (by platform). "xla" is ``reference.grouped_matmul``.
     Differentiable in x and w.
     """
     if x.ndim != 2:
@@ -142,12 +169,11 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool 
     backend = _core.resolve_backend(backend, interpret)
     if backend == "xla":
         return reference.grouped_matmul(x, w, group_sizes).astype(out_dtype)
-    if backend == "mosaic":
-        raise ValueError("grouped_matmul has no TPU (Mosaic) kernel; use backend='xla' "
-                         "(jax.lax.ragged_dot, which XLA lowers natively on TPU)")
     dt = jnp.result_type(x, w)
     if M == 0:
         return jnp.zeros((0, N), out_dtype)
+    if backend == "mosaic":
+        return _mosaic(bool(interpret), x.astype(dt), w.astype(dt), group_sizes.astype(jnp.int32)).astype(out_dtype)
     edge = _gmm.block_edge(dt)
     Kp, Np = _padded_dim(K, edge), _padded_dim(N, edge)
     lay = tile_layout(group_sizes, M, row_tile(M, E))

@@ -194,9 +194,6 @@ def compile_for_tpu(cfg: Config, topology: str) -> dict:
     TPU, no data): the Pallas kernels go through Mosaic and the step through XLA's TPU compiler,
     which refuses a step whose temporaries alone exceed a chip's memory. Returns the per-device
     memory (GiB: the total, to compare with a chip's HBM, and its parts) and the compile time."""
-    if cfg.model.moe_impl == "pallas":
-        raise ConfigError("model.moe_impl=pallas is a GPU kernel (there is no TPU one): set model.moe_impl=xla "
-                          "(ragged_dot, which XLA lowers natively on TPU)")
     devices = tpu_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.data.global_batch, mesh.shape, cfg.train.grad_accum)

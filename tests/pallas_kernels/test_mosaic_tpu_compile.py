@@ -82,6 +82,22 @@ def test_indexer_compiles_for_tpu(keys, topology):
         f.trace(sd((2, S, 64, 128), jnp.bfloat16), sd((2, S, 64), jnp.float32), k).lower().compile()
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_grouped_matmul_compiles_for_tpu(topology):
+    """Forward + backward of the experts' grouped matmul at one device's V4-Flash shapes under expert
+    parallelism 64 (4 experts, 30K rows, hidden 4096, expert width 2048), bf16: the weight gradient is
+    the Mosaic kernel, and no dense product over all groups is left (XLA's transpose of ragged_dot
+    is a convolution over every group)."""
+    rep = _one_chip(topology)
+    M, K, N, E = 30720, 4096, 2048, 4
+    args = [jax.ShapeDtypeStruct(s, d, sharding=rep) for s, d in
+            (((M, K), jnp.bfloat16), ((E, N, K), jnp.bfloat16), ((E,), jnp.int32))]
+    f = jax.value_and_grad(lambda x, w, s: jnp.sum(pk.grouped_matmul(x, w, s, backend="mosaic")), argnums=(0, 1))
+    text = jax.jit(f).trace(*args).lower().compile().as_text()
+    assert "v4_tgmm_tpu" in text
+    assert "convolution(" not in text
+
+
 def test_tpu_topology_errors_name_the_problem():
     from v4jax.config import ConfigError
     from v4jax.trainer import tpu_devices
@@ -92,10 +108,10 @@ def test_tpu_topology_errors_name_the_problem():
 
 @pytest.mark.slow
 def test_train_compile_only_for_a_tpu_slice():
-    """``train.py --compile-only``: the tiny config's training step (2 layers: CSA and HCA; Pallas kernels for attention and the
-    indexer, expert parallelism over 2 chips, Muon) compiles for a v5p slice of 4 chips."""
+    """``train.py --compile-only``: the tiny config's training step (2 layers: CSA and HCA; Pallas kernels for attention, the
+    indexer and the experts' weight gradient, expert parallelism over 2 chips, Muon) compiles for a v5p slice of 4 chips."""
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--compile-only", "v5p:2x2x1",
-                          "model.attention_impl=pallas", "mesh.data=2", "mesh.expert=2",
+                          "model.attention_impl=pallas", "model.moe_impl=pallas", "mesh.data=2", "mesh.expert=2",
                           "model.num_hidden_layers=2", "model.compress_ratios=[4,16,0]"], cwd=REPO,
                          capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -24,12 +24,13 @@ def sinkhorn(logits, iters: int, eps: float):
     """Row softmax, then alternate column / row normalisation -> (nearly) doubly stochastic ``[..., hc, hc]``."""
     C = jax.nn.softmax(logits, axis=-1) + eps
     C = C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
-
-    def row_then_column(_, C):
+    # Unrolled on purpose: XLA fuses the iterations (and recomputes them in the backward) into a few
+    # elementwise kernels. As a lax.fori_loop the training step compiles ~30% faster, but V4-Flash
+    # training took 10.5 GiB more per v5p chip (65.6 instead of 55.1 GiB).
+    for _ in range(iters - 1):
         C = C / (jnp.sum(C, axis=-1, keepdims=True) + eps)
-        return C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
-
-    return jax.lax.fori_loop(0, iters - 1, row_then_column, C)
+        C = C / (jnp.sum(C, axis=-2, keepdims=True) + eps)
+    return C
 
 
 def hc_mixes(X, fn, base, scale, *, iters: int, hc_eps: float, norm_eps: float):
