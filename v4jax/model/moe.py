@@ -7,9 +7,10 @@ plus the shared expert (weight 1).
 
 Routed experts run as a grouped matmul over token-expert pairs sorted by expert: ``jax.lax.ragged_dot``
 (``moe_impl: xla``) or ``pallas_kernels.grouped_matmul`` (``moe_impl: pallas``: Pallas kernels on GPU;
-on TPU ragged_dot with a Pallas kernel for the weight gradient; interpret mode on CPU). Weights live stacked as ``[E, out, in]``. With quantised (FP4 / FP8) experts
-and fewer token-expert pairs than experts, as in decoding, only the picked experts' matrices are
-gathered and dequantised (``Experts._picked``), not all E.
+on TPU ragged_dot with a Pallas kernel for the weight gradient; interpret mode on CPU). Weights live
+stacked as ``[E, out, in]``. With quantised (FP4 / FP8) experts and fewer token-expert pairs than
+experts, as in decoding, only the picked experts' matrices are gathered and dequantised
+(``Experts._picked``), not all E.
 """
 from __future__ import annotations
 
