@@ -24,7 +24,7 @@ CASES = {
     # bf16 with several column and contraction blocks
     "multi_block_bf16": dict(sizes=[50, 3, 0, 91, 16], M=160, K=192, N=128, dtype=jnp.bfloat16),
 }
-# TPU weight gradient: row tiles of 256 shared by groups, a partial last tile, rows past the groups,
+# TPU weight gradient: row tiles of 128 shared by groups, a partial last tile, rows past the groups,
 # K in several 128-column blocks, N past 512 and not a multiple of 128 (padded)
 TPU_CASES = {"tiles_f32": dict(sizes=[200, 0, 333, 1, 150], M=700, K=384, N=520, dtype=jnp.float32)}
 BACKEND_CASES = [(b, c) for b in ("triton", "mosaic") for c in CASES] + [("mosaic", c) for c in TPU_CASES]
@@ -124,7 +124,7 @@ def test_row_tile_follows_rows_per_group():
 @pytest.mark.parametrize("sizes,M", [([5, 0, 40, 1], 46), ([0, 0, 0], 10), ([300, 2, 0, 700], 1100)])
 def test_tpu_weight_gradient_visits(sizes, M):
     """The TPU dw kernel's steps walk the groups in order; each group's steps cover its rows' tiles
-    exactly, once each; a group without rows takes one step; unused steps come last."""
+    exactly, once each; a group without rows takes one step; the steps used fit the grid."""
     from pallas_kernels import _gmm_mosaic
 
     assert _gmm_mosaic.row_tile(30720, 4) == 512 and _gmm_mosaic.row_tile(49152, 64) == 128
