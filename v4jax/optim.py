@@ -51,6 +51,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from v4jax import sharding
 
 MUON, ADAMW, FROZEN = "muon", "adamw", "frozen"
 
@@ -243,8 +246,8 @@ def _role(path) -> str:
     return ".".join("#" if p.isdigit() else p for p in _path_str(path).split("."))
 
 
-def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
-                          update_rms: float = 0.18) -> optax.GradientTransformation:
+def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32, update_rms: float = 0.18,
+                          shardings: dict[str, NamedSharding] | None = None) -> optax.GradientTransformation:
     """Stateless: u [..., m, n] -> newton_schulz(u) * update_rms * sqrt(max(m, n)).
 
     For an exactly orthogonal result (min(m, n) unit singular values) the output RMS is
@@ -253,14 +256,24 @@ def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
     Leaves of one role in every layer (``_role``: same name but for the layer index, hence the
     same shape and sharding) are stacked and orthogonalised as one batch: one Newton–Schulz loop
     per role instead of one per leaf (small.yaml: 34 instead of 198), each matrix on its own.
+
+    ``shardings`` (dotted name -> the parameter's ``NamedSharding``, as ``build_optimizer`` finds them):
+    the stacks of matrices split over a mesh are orthogonalised by ``sharding.per_matrix``, each device
+    taking whole matrices, its share of them.
     """
+    shardings = shardings or {}
 
     def update_fn(updates, state, params=None):
         del params
 
-        def one(u):
+        def one(u, at_rest: NamedSharding | None, stacked: bool):
             scale = update_rms * math.sqrt(max(u.shape[-2:]))
-            return newton_schulz(u, coeffs, dtype=ns_dtype) * jnp.asarray(scale, u.dtype)
+
+            def ns(m):
+                return newton_schulz(m, coeffs, dtype=ns_dtype) * jnp.asarray(scale, m.dtype)
+            if at_rest is None:
+                return ns(u)
+            return sharding.per_matrix(ns, u, P(*((None,) if stacked else ()), *at_rest.spec), at_rest.mesh)
 
         flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
         groups: dict[tuple, list[int]] = {}
@@ -268,7 +281,11 @@ def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
             groups.setdefault((_role(path), u.shape, u.dtype), []).append(i)
         out = [None] * len(flat)
         for idx in groups.values():
-            done = one(jnp.stack([flat[i][1] for i in idx])) if len(idx) > 1 else one(flat[idx[0]][1])[None]
+            at_rest = shardings.get(_path_str(flat[idx[0]][0]))
+            if len(idx) > 1:
+                done = one(jnp.stack([flat[i][1] for i in idx]), at_rest, True)
+            else:
+                done = one(flat[idx[0]][1], at_rest, False)[None]
             for k, i in enumerate(idx):
                 out[i] = done[k]
         return jax.tree_util.tree_unflatten(treedef, out), state
@@ -278,11 +295,13 @@ def orthogonalize_updates(coeffs, *, ns_dtype=jnp.float32,
 
 def muon(learning_rate: optax.ScalarOrSchedule, coeffs, *, momentum: float = 0.95,
          nesterov: bool = True, ns_dtype=jnp.float32, update_rms: float = 0.18,
-         weight_decay: float = 0.0) -> optax.GradientTransformation:
-    """Muon for a pytree of matrices (ndim >= 2; leading dims are batch dims)."""
+         weight_decay: float = 0.0, shardings: dict[str, NamedSharding] | None = None
+         ) -> optax.GradientTransformation:
+    """Muon for a pytree of matrices (ndim >= 2; leading dims are batch dims); ``shardings``: see
+    ``orthogonalize_updates``."""
     return optax.chain(
         optax.trace(decay=momentum, nesterov=nesterov),
-        orthogonalize_updates(coeffs, ns_dtype=ns_dtype, update_rms=update_rms),
+        orthogonalize_updates(coeffs, ns_dtype=ns_dtype, update_rms=update_rms, shardings=shardings),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -294,9 +313,12 @@ def build_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransfor
     """The full V4 optimizer for `params` (nested dict; lists or int-keyed dicts of layers).
 
     Use with `opt.init(params)` and `opt.update(grads, state, params)` (params are
-    required: weight decay reads them).
+    required: weight decay reads them). Leaves of `params` (arrays or `ShapeDtypeStruct`s) that carry a
+    `NamedSharding` tell Muon how its matrices are split over the mesh.
     """
     labels = param_labels(params, muon_hc_fn=cfg.muon_hc_fn)
+    placed = {_path_str(path): leaf.sharding for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+              if isinstance(getattr(leaf, "sharding", None), NamedSharding)}
     trainable = jax.tree.map(lambda lab: lab != FROZEN, labels)
     muon_peak = cfg.lr if cfg.muon_lr is None else cfg.muon_lr
     clip = (optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm is not None
@@ -308,7 +330,7 @@ def build_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransfor
                 MUON: muon(learning_rate_schedule(cfg, muon_peak), cfg.ns_coeffs,
                            momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
                            ns_dtype=_NS_DTYPES[cfg.ns_dtype], update_rms=cfg.update_rms,
-                           weight_decay=cfg.weight_decay),
+                           weight_decay=cfg.weight_decay, shardings=placed),
                 ADAMW: optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
                                    eps=cfg.eps, weight_decay=cfg.weight_decay,
                                    mask=_decay_mask),

@@ -101,6 +101,47 @@ def for_compute(x, param: nnx.Variable):
     return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _COMPUTE_RULES))
 
 
+def per_matrix(fn, x, spec: P, mesh: Mesh):
+    """``fn`` applied to ``x`` ``[b..., m, n]``, a stack of matrices split over ``mesh`` as ``spec`` says, for an
+    ``fn`` that needs each matrix whole and treats them independently (Muon's Newton–Schulz). The
+    devices that share matrices (splitting them, or holding copies) take turns: each gets whole
+    matrices, its share of the stack (``all_to_all``; zero matrices pad the stack to a multiple), applies
+    ``fn`` to them, and sends the results back. Same result as ``fn(x)`` on one device.
+
+    Left to itself, XLA's partitioner gathers whole stacks onto every device and runs ``fn`` on all of
+    it there: V4-Flash on 256 v5p chips, 5.4 GiB per chip for each of the largest (``[43, 1024, 32768]``
+    float32), and every chip doing all the work."""
+    spec = tuple(spec) + (None,) * (x.ndim - len(spec))
+    names = [() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec]
+    sizes = dict(mesh.shape)
+    used = {a for axes in names for a in axes}
+    copies = tuple(a for a in mesh.axis_names if a not in used and sizes[a] > 1)
+    split_m, split_n = names[-2], names[-1]
+    share = math.prod(sizes[a] for a in copies + split_m + split_n)
+    if share == 1 or x.ndim < 3:
+        return fn(x)
+
+    def local(block):
+        y = block.reshape(-1, *block.shape[-2:])
+        b = y.shape[0]
+        y = jnp.pad(y, [(0, -b % share), (0, 0), (0, 0)])
+        if copies:  # replicated: each copy keeps its part of the stack
+            y = y.reshape(-1, y.shape[0] // math.prod(sizes[a] for a in copies), *y.shape[1:])
+            y = y[jax.lax.axis_index(copies)]
+        for axes, dim in ((split_m, 1), (split_n, 2)):
+            if axes:  # this dim split: gather it, split the stack instead
+                y = jax.lax.all_to_all(y, axes, 0, dim, tiled=True)
+        y = fn(y)
+        for axes, dim in ((split_n, 2), (split_m, 1)):
+            if axes:
+                y = jax.lax.all_to_all(y, axes, dim, 0, tiled=True)
+        if copies:
+            y = jax.lax.all_gather(y, copies, axis=0, tiled=True)
+        return y[:b].reshape(block.shape)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=P(*spec), out_specs=P(*spec), check_vma=False)(x)
+
+
 def param_shardings(params_state: nnx.State, mesh: Mesh):
     """nnx.State of Params -> pure dict of NamedShardings with the same structure as its pure dict."""
     def one(v):
