@@ -50,13 +50,15 @@ def test_hf_orbax_hf_is_byte_exact(tmp_path, variant):
     cfg = small_config(**VARIANTS[variant])
     hf = tmp_path / "hf"
     tensors = write_random_checkpoint(hf, cfg, seed=len(variant))
+    hf_cfg = json.loads((hf / "config.json").read_text())  # keys v4jax does not read come back too
+    hf_cfg.update(transformers_version="4.57.1", auto_map={"AutoConfig": "x.Config"}, rope_theta=10000)
+    (hf / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     (hf / "tokenizer.json").write_text('{"stand-in": true}')
     (hf / "generation_config.json").write_text('{"temperature": 0.6}')
     from v4jax.convert import main
     main(["hf-to-orbax", "--hf", str(hf), "--out", str(tmp_path / "orbax"), "--quiet"])
     meta = json.loads((tmp_path / "orbax" / "v4jax.json").read_text())
     assert meta["format"] == "v4jax-params" and meta["version"] == 1 and meta["layout"] == "released"
-    assert json.loads((tmp_path / "orbax" / "config.json").read_text()) == cfg.to_hf_dict()
     main(["orbax-to-hf", "--orbax", str(tmp_path / "orbax"), "--out", str(tmp_path / "back"),
           "--shard-size", "100KB", "--quiet"])
     _assert_same_tensors(tmp_path / "back", tensors)
@@ -66,7 +68,7 @@ def test_hf_orbax_hf_is_byte_exact(tmp_path, variant):
     assert n > 1 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert set(index["weight_map"].values()) == set(shards)
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
-    for f in ("tokenizer.json", "generation_config.json"):
+    for f in ("config.json", "tokenizer.json", "generation_config.json"):
         assert (tmp_path / "back" / f).read_text() == (hf / f).read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "hf", "orbax"]  # no temporary dirs left
 
@@ -399,7 +401,7 @@ def test_error_config_mismatch(tmp_path, small_pair):
     assert not (tmp_path / "out").exists()
 
 
-def test_error_output_not_empty(tmp_path, small_pair):
+def test_error_output_not_empty(tmp_path, small_pair, monkeypatch):
     d, _ = small_pair
     out = tmp_path / "out"
     out.mkdir()
@@ -413,6 +415,35 @@ def test_error_output_not_empty(tmp_path, small_pair):
     empty.mkdir()
     convert.orbax_to_hf(d / "orbax", empty, progress=False)  # an existing empty directory is fine
     assert (empty / INDEX_FILE).is_file()
+    # never the input itself or a directory holding it, even with --force
+    for o in (empty, empty / "..", tmp_path):
+        with pytest.raises(ConversionError, match="holds the input"):
+            convert.hf_to_orbax(empty, o, force=True, progress=False)
+    assert (empty / INDEX_FILE).is_file()
+    # a relative output, the current directory included
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    convert.orbax_to_hf(d / "orbax", ".", progress=False)
+    assert (here / INDEX_FILE).is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_sigterm_removes_partial_output(tmp_path, small_pair):
+    import os
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    d, _ = small_pair
+
+    def terminated(f, data):
+        os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(convert, "_write_bytes", terminated)
+        with pytest.raises(SystemExit, match="terminated by SIGTERM .*partial output removed"):
+            convert.orbax_to_hf(d / "orbax", tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
 def test_error_disk_full_removes_partial_output(tmp_path, small_pair, monkeypatch):

@@ -110,6 +110,9 @@ def open_train_run(path: str | os.PathLike, step: int | None = None) -> TrainRun
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / "state").is_dir():
+        if not p.name.isdigit():
+            raise FileNotFoundError(f"{p} is not a step of a train.py run (its name is not a step number; "
+                                    f"an unfinished save is named N.orbax-checkpoint-tmp-*)")
         root, step = p.parent, int(p.name)
     else:
         root = p

@@ -47,8 +47,10 @@ def main(argv=None):
         else:
             out = convert.orbax_to_hf(args.orbax, args.out, shard_size=args.shard_size, force=args.force,
                                       progress=not args.quiet)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, OSError) as e:
         raise SystemExit(f"error: {e}")
+    except ValueError as e:  # orbax / tensorstore: an unreadable or corrupted stored array
+        raise SystemExit(f"error: cannot read {args.hf if args.cmd == 'hf-to-orbax' else args.orbax}: {e}")
     print(f"wrote {out} ({time.time() - t0:.1f}s)")
 
 

@@ -42,7 +42,7 @@ def pretokenize(cfg: DataConfig, out_dir, *, shard_tokens: int = 1 << 28, force:
     bar = tqdm(total=sum(os.path.getsize(f) for f in files), unit="B", unit_scale=True, desc="tokenising",
                disable=not progress)
     names = []
-    with staging_dir(Path(out_dir), force=force) as tmp:
+    with staging_dir(Path(out_dir), force=force, sources=files) as tmp:
         pieces, n_tokens = [], 0
 
         def flush():

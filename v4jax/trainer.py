@@ -133,9 +133,20 @@ def _check_same_model(saved: dict, cfg: Config):
 
 
 def _truncate_metrics(path: Path, last_step: int):
+    """Keep the rows of steps up to the restored checkpoint's (a resumed run writes the later ones again);
+    a row cut short by the interruption is dropped. Rewritten atomically."""
     if path.is_file():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in keep))
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+                keep.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def _builder(cfg: Config):
@@ -244,33 +255,34 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step()
 
+    metrics_path = workdir / "metrics.jsonl"
     try:
-        model, source = _initial_model(cfg, mesh, from_checkpoint=start is None and bool(tcfg.init_from),
-                                       progress=progress and is_main)
+        if start is not None:  # the state is restored straight onto its shards: no initial state beside it
+            _check_same_model(ckpt.saved_config(start), cfg)
+            graphdef, tx, state = _state_specs(nnx.eval_shape(_builder(cfg)), cfg, mesh)
+            state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+            state = ckpt.restore(start, state, data_iter)
+            if is_main:
+                _truncate_metrics(metrics_path, start)
+                print(f"resumed from step {start} ({ckpt.directory / str(start)})")
+        else:
+            model, source = _initial_model(cfg, mesh, from_checkpoint=bool(tcfg.init_from),
+                                           progress=progress and is_main)
+            if source and is_main:
+                print(f"initial weights: {source}")
+            graphdef, tx, specs = _state_specs(model, cfg, mesh)
+            state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, specs)
+            _, params_state, rest = nnx.split(model, nnx.Param, ...)
+            params = jax.device_put(nnx.to_pure_dict(params_state), state_shardings["params"])
+            state = {"params": params,
+                     "buffers": jax.device_put(nnx.to_pure_dict(rest), state_shardings["buffers"]),
+                     "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
+                     "step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
+                     "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), state_shardings["rng"])}
+            start = 0
     except BaseException:
         ckpt.close()
         raise
-    if source and is_main:
-        print(f"initial weights: {source}")
-    graphdef, tx, specs = _state_specs(model, cfg, mesh)
-    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, specs)
-    _, params_state, rest = nnx.split(model, nnx.Param, ...)
-    params = jax.device_put(nnx.to_pure_dict(params_state), state_shardings["params"])
-    state = {"params": params, "buffers": jax.device_put(nnx.to_pure_dict(rest), state_shardings["buffers"]),
-             "opt_state": jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params),
-             "step": jax.device_put(jnp.zeros((), jnp.int32), state_shardings["step"]),
-             "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), state_shardings["rng"])}
-
-    metrics_path = workdir / "metrics.jsonl"
-    if start is not None:
-        _check_same_model(ckpt.saved_config(start), cfg)
-        abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = ckpt.restore(start, abstract, data_iter)
-        if is_main:
-            _truncate_metrics(metrics_path, start)
-            print(f"resumed from step {start} ({ckpt.directory / str(start)})")
-    else:
-        start = 0
     if is_main:
         write_json_atomic(workdir / "config.json", cfg.to_dict())
 

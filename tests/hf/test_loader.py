@@ -128,6 +128,76 @@ def test_bad_paths(ckpt, tmp_path):
         SafetensorsReader(empty)
 
 
+def _edit_header(f, edit):
+    """Rewrite the JSON header of safetensors file ``f`` with ``edit(header) -> header``, data unchanged."""
+    import struct
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    blob = json.dumps(edit(json.loads(data[8:8 + n]))).encode()
+    f.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+
+
+def _set(name, key, value):
+    def edit(h):
+        h[name][key] = value
+        return h
+    return edit
+
+
+@pytest.mark.parametrize("case, match", [
+    ("header_not_object", "header is not a JSON object"),
+    ("offsets_not_integers", "must be non-negative integers"),
+    ("negative_offsets", "must be non-negative integers"),
+    ("float_shape", "must be non-negative integers"),
+    ("overlap", "overlaps the tensor before it"),
+    ("trailing_bytes", "7 bytes after the last tensor"),
+    ("index_not_a_map", "weight_map must map tensor names to file names"),
+    ("unlisted_tensor", "in the shards but not in model.safetensors.index.json"),
+])
+def test_malformed_files_are_named(ckpt, tmp_path, case, match):
+    """Headers and indices that a safetensors writer never produces are refused, naming the file."""
+    path = _copy(ckpt, tmp_path)
+    index_file = path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = "layers.0.attn.attn_sink"
+    f = path / index["weight_map"][name]
+    with SafetensorsReader(f) as r:  # two tensors of one dtype and shape: the second pointed at the first
+        infos = [r.info(k) for k in r.keys()]
+        base = min(i.begin for i in infos)
+        first, second = next((a, b) for a in infos for b in infos
+                             if a.begin < b.begin and (a.dtype, a.shape) == (b.dtype, b.shape))
+    if case == "header_not_object":
+        _edit_header(f, lambda h: [h])
+    elif case == "offsets_not_integers":
+        _edit_header(f, _set(name, "data_offsets", ["0", "8"]))
+    elif case == "negative_offsets":
+        _edit_header(f, _set(name, "data_offsets", [-8, 0]))
+    elif case == "float_shape":
+        _edit_header(f, _set(name, "shape", [2.0]))
+    elif case == "overlap":
+        _edit_header(f, _set(second.name, "data_offsets", [first.begin - base, first.end - base]))
+    elif case == "trailing_bytes":
+        with open(f, "ab") as fh:
+            fh.write(b"\0" * 7)
+    elif case == "index_not_a_map":
+        index_file.write_text(json.dumps({"weight_map": list(index["weight_map"])}))
+    elif case == "unlisted_tensor":
+        del index["weight_map"][name]
+        index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path, progress=False)
+
+
+def test_hash_table_naming_a_missing_expert_is_named(ckpt, tmp_path):
+    path = _copy(ckpt, tmp_path)
+    name = next(n for n in ckpt[2] if n.endswith(".tid2eid"))
+    ids = np.array(ckpt[2][name])
+    ids[3, 0] = ckpt[1].n_routed_experts
+    _rewrite(path, name, ids)
+    with pytest.raises(CheckpointError, match=f"tensor '{name}' has expert ids .* outside"):
+        load_model(path, progress=False)
+
+
 def test_loaded_parameters_equal_dequantised_tensors(ckpt):
     path, cfg, tensors = ckpt
     model = load_model(path, progress=False)

@@ -29,7 +29,8 @@ _MAX_LISTED = 20
 
 
 def validate(reader: SafetensorsReader, cfg: ModelConfig) -> None:
-    """Raise ``CheckpointError`` naming every missing, unexpected, mistyped or misshapen tensor."""
+    """Raise ``CheckpointError`` naming every missing, unexpected, mistyped or misshapen tensor (and
+    hash-routing tables naming experts that do not exist)."""
     expected = expected_tensors(cfg)
     problems = []
     for name, (dtype, shape) in expected.items():
@@ -41,6 +42,11 @@ def validate(reader: SafetensorsReader, cfg: ModelConfig) -> None:
             problems.append(f"tensor {name!r} has dtype {info.dtype}, expected {dtype}")
         if tuple(info.shape) != tuple(shape):
             problems.append(f"tensor {name!r} has shape {list(info.shape)}, expected {list(shape)}")
+        elif name.endswith(".tid2eid") and info.dtype == dtype:
+            ids = reader[name]
+            if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_routed_experts):
+                problems.append(f"tensor {name!r} has expert ids in [{ids.min()}, {ids.max()}], outside "
+                                f"[0, {cfg.n_routed_experts})")
     for name in sorted(set(reader.keys()) - set(expected)):
         problems.append(f"unexpected tensor {name!r} ({reader.info(name).dtype}{list(reader.info(name).shape)})")
     if problems:
@@ -50,26 +56,33 @@ def validate(reader: SafetensorsReader, cfg: ModelConfig) -> None:
 
 
 def read_leaf(reader: SafetensorsReader, name: str, target, n_experts: int) -> np.ndarray:
-    """Build one model leaf (abstract ``target`` with shape / dtype) from its checkpoint tensor(s)."""
-    parts = []
-    for tname in tensor_names(name, n_experts):
+    """Build one model leaf (abstract ``target`` with shape / dtype) from its checkpoint tensor(s).
+
+    A stack of experts is filled expert by expert, so host memory holds the leaf plus one expert."""
+    tdtype = np.dtype(target.dtype)
+    names = tensor_names(name, n_experts)
+    out = None
+    for i, tname in enumerate(names):
         a = reader[tname]
-        tdtype = np.dtype(target.dtype)
         if tname.endswith(".weight") and a.dtype != tdtype and tname[:-7] + ".scale" in reader:
             scale = reader[tname[:-7] + ".scale"]
             if reader.info(tname).dtype == "I8":
                 a = quant.dequant_fp4(a, scale, np.float32)
             else:
                 a = quant.dequant_fp8(a, scale, np.float32)
-        parts.append(a)
-    a = np.stack(parts) if expert_stack(name) is not None else parts[0]
-    if a.shape != tuple(target.shape):
-        if a.size == int(np.prod(target.shape)) and name.endswith("wo_a.weight"):
-            a = a.reshape(target.shape)  # float layout: [G*r, in] -> [G, r, in]
+        if expert_stack(name) is None:
+            out = np.array(a, dtype=tdtype)  # a copy: never a view of the memory map
+            break
+        if out is None:
+            out = np.empty((len(names), *a.shape), tdtype)
+        out[i] = a
+    if out.shape != tuple(target.shape):
+        if out.size == int(np.prod(target.shape)) and name.endswith("wo_a.weight"):
+            out = out.reshape(target.shape)  # float layout: [G*r, in] -> [G, r, in]
         else:
-            raise CheckpointError(f"tensor {name!r}: checkpoint gives shape {list(a.shape)}, the model "
+            raise CheckpointError(f"tensor {name!r}: checkpoint gives shape {list(out.shape)}, the model "
                                   f"expects {list(target.shape)}")
-    return a.astype(target.dtype)
+    return out
 
 
 def load_params(model: Transformer, path: str | os.PathLike, *, progress: bool = True, mesh=None) -> None:

@@ -2,7 +2,7 @@
 
 The orbax form (docs/conversion.md) is a directory::
 
-    config.json    the HF config (``ModelConfig.to_hf_dict()``)
+    config.json    the HF checkpoint's config.json, copied as it is (and copied back on export)
     v4jax.json     {"format": "v4jax-params", "version": 1, "layout": "released" | "float",
                     "dtype": ..., "raw_dtypes": {leaf name: true dtype}}
     params/        an orbax PyTree checkpoint of the model's parameter pure dict
@@ -32,8 +32,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -155,9 +157,14 @@ def _is_disk_full(e: BaseException) -> bool:
     return False
 
 
-def check_output(out, *, force: bool) -> Path:
-    """``out`` must not exist or be an empty directory; a non-empty one is accepted only with ``force``."""
-    out = Path(out)
+def check_output(out, *, force: bool, sources=()) -> Path:
+    """``out`` must not exist or be an empty directory; a non-empty one is accepted only with ``force``,
+    and never when it is, or holds, one of the ``sources`` (the inputs it would replace)."""
+    out = Path(out).resolve()
+    for src in sources:
+        src = Path(src).resolve()
+        if src == out or out in src.parents:
+            raise ConversionError(f"output directory {out} holds the input {src}: choose another output")
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output path exists and is not a directory: {out}")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -165,26 +172,52 @@ def check_output(out, *, force: bool) -> Path:
     return out
 
 
+class _Terminated(Exception):
+    """SIGTERM while an output is being written."""
+
+
 @contextlib.contextmanager
-def staging_dir(out: Path, *, force: bool):
+def _sigterm_raises():
+    """Within the block, SIGTERM raises ``_Terminated`` (so cleanup runs) instead of killing the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated("terminated by SIGTERM")
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path, *, force: bool, sources=()):
     """Yield an empty temporary directory beside ``out``; rename it to ``out`` on success.
 
-    ``out`` is checked by ``check_output``. On any error (or interrupt) the temporary directory is
-    removed, so an interrupted conversion never leaves a complete-looking output; a full disk is
-    reported as such.
+    ``out`` is checked by ``check_output``. On any error, Ctrl-C or SIGTERM the temporary directory is
+    removed, so an interrupted conversion leaves neither a complete-looking output nor a hidden partial
+    one; a full disk is reported as such.
     """
-    out = check_output(out, force=force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    out = check_output(out, force=force, sources=sources)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise ConversionError(f"cannot create the output directory {out}: {e}") from e
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
     try:
-        yield tmp
+        with _sigterm_raises():
+            yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(e):
             raise ConversionError(f"disk full while writing {out} (partial output removed): {e}") from e
+        if isinstance(e, _Terminated):
+            raise SystemExit(f"terminated by SIGTERM while writing {out} (partial output removed)") from None
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -377,8 +410,8 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = Fals
     cfg = from_hf_config(hf)
     layout = "released" if dtype is None else "float"
     E = cfg.n_routed_experts
-    check_output(out_dir, force=force)
-    with SafetensorsReader(hf) as reader, staging_dir(Path(out_dir), force=force) as tmp:
+    check_output(out_dir, force=force, sources=[hf])
+    with SafetensorsReader(hf) as reader, staging_dir(Path(out_dir), force=force, sources=[hf]) as tmp:
         validate(reader, cfg)
         target = abstract_params(cfg, layout, dtype)
         flat = {}
@@ -398,7 +431,7 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = Fals
             print(f"writing {len(flat)} leaves to {Path(out_dir) / PARAMS_DIR} ...", flush=True)
         raw = save_params(tmp / PARAMS_DIR, flat)
         del flat
-        _write_json(tmp / "config.json", cfg.to_hf_dict())
+        shutil.copyfile(hf / "config.json", tmp / "config.json")  # every key kept, also those v4jax ignores
         _write_json(tmp / META_FILE, {"format": FORMAT, "version": VERSION, "layout": layout,
                                       "dtype": dtype or "bfloat16", "raw_dtypes": raw})
         _copy_side_files(hf, tmp)
@@ -581,8 +614,9 @@ def orbax_to_hf(src, out_dir, *, shard_size: int | str = "5GB", force: bool = Fa
     config's ``quantization_config`` says (BF16 without one)."""
     src = _existing_dir(src, "orbax checkpoint directory")
     size = parse_size(shard_size)
-    check_output(out_dir, force=force)
-    side = [(src / n, n) for n in COPIED_FILES]  # (source file, name in the output)
+    check_output(out_dir, force=force, sources=[src])
+    # (source file, name in the output); an orbax form's config.json replaces the one write_hf generates
+    side = [(src / n, n) for n in ("config.json", *COPIED_FILES)]
     if is_orbax_dir(src):
         op = open_orbax(src)
         cfg, leaves, read_leaves = op.cfg, op.leaves, op.read
@@ -597,13 +631,16 @@ def orbax_to_hf(src, out_dir, *, shard_size: int | str = "5GB", force: bool = Fa
         from v4jax.tokenizer import TINY_TOKENIZER
         tok = Path((r.run.get("data") or {}).get("tokenizer") or TINY_TOKENIZER)
         tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        if not tok.is_file():
+            print(f"note: the run's tokenizer {tok} is not found (a path relative to where it was trained?): "
+                  f"the export gets no tokenizer.json")
         side = [(tok, "tokenizer.json")] + [(tok.parent / n, n) for n in COPIED_FILES[1:]]
         if progress:
             print(f"exporting training step {step} of {src}")
     else:
         raise ConversionError(f"{src} is neither a v4jax orbax directory (no {META_FILE}) nor a train.py "
                               f"checkpoint (no checkpoints/ or state/)")
-    with staging_dir(Path(out_dir), force=force) as tmp:
+    with staging_dir(Path(out_dir), force=force, sources=[src]) as tmp:
         write_hf(cfg, leaves, read_leaves, tmp, shard_size=size, progress=progress)
         for f, n in side:
             if f.is_file():

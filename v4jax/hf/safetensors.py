@@ -37,6 +37,10 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, malformed or does not match what is expected."""
 
@@ -68,13 +72,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    meta = header.pop("__metadata__", {}) or {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not a JSON object")
     infos = {}
     for name, h in header.items():
         try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
+            dtype, shape, (b, e) = h["dtype"], tuple(h["shape"]), h["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {h}") from None
+        if not all(_is_count(d) for d in (*shape, b, e)) or b > e:
+            raise CheckpointError(f"{path}: tensor {name!r}: shape and data_offsets must be non-negative "
+                                  f"integers, begin <= end (header: {h})")
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
@@ -85,6 +96,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {8 + n + e}, "
                                   f"file has {size}")
         infos[name] = TensorInfo(name, dtype, shape, path, 8 + n + b, 8 + n + e)
+    # As the safetensors format requires: the tensors tile the data section, without gaps or overlaps.
+    end = 8 + n
+    for info in sorted(infos.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin != end:
+            what = "overlaps the tensor before it" if info.begin < end else f"leaves a gap of {info.begin - end} bytes"
+            raise CheckpointError(f"{path}: tensor {info.name!r} {what} (data_offsets {info.begin - 8 - n}, "
+                                  f"expected {end - 8 - n})")
+        end = info.end
+    if end != size:
+        raise CheckpointError(f"{path}: {size - end} bytes after the last tensor's data (file has {size}, "
+                              f"data ends at {end})")
     return infos, meta
 
 
@@ -100,14 +122,18 @@ class SafetensorsReader:
         if not path.exists():
             raise CheckpointError(f"checkpoint path does not exist: {path}")
         self.path = path
+        weight_map = None
         if path.is_file():
             files = [path]
         elif (path / INDEX_FILE).is_file():
             try:
                 weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{path / INDEX_FILE}: not a valid index ({e!r})") from None
-            files = sorted({path / f for f in weight_map.values()})
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{path / INDEX_FILE}: weight_map must map tensor names to file names")
+            files = sorted({(path / f).resolve() for f in weight_map.values()})
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(f"{path}: shard(s) named in {INDEX_FILE} are missing: {missing}")
@@ -115,7 +141,6 @@ class SafetensorsReader:
             files = sorted(path.glob("*.safetensors"))
             if not files:
                 raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
-            weight_map = None
         self._infos: dict[str, TensorInfo] = {}
         for f in files:
             infos, _ = read_header(f)
@@ -124,7 +149,11 @@ class SafetensorsReader:
                     raise CheckpointError(f"tensor {name!r} appears in both {self._infos[name].file.name} "
                                           f"and {f.name}")
                 self._infos[name] = info
-        if path.is_dir() and (path / INDEX_FILE).is_file():
+        if weight_map is not None:
+            unlisted = sorted(set(self._infos) - set(weight_map))
+            if unlisted:
+                raise CheckpointError(f"{path}: tensor(s) in the shards but not in {INDEX_FILE}: "
+                                      f"{unlisted[:10]}{' ...' if len(unlisted) > 10 else ''}")
             for name, fname in weight_map.items():
                 if name not in self._infos:
                     raise CheckpointError(f"{INDEX_FILE} maps {name!r} to {fname}, but that file has no such tensor")
