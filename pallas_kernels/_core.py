@@ -165,9 +165,22 @@ def dequant_for(mode, ckv: Fp8Entries, topk_idx, dtype):
     return reference.dequant_fp8_entries(ckv, dtype), topk_idx
 
 
+def _gpu_converts_fp8() -> bool:
+    """Whether the GPU has FP8 conversions (compute capability 8.9: Ada, Hopper and later; Triton
+    aborts the process on older ones). Tracing for a GPU this process does not have (ahead-of-time
+    compilation) assumes one that has."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None) if dev.platform == "gpu" else None
+    if not cc:
+        return True
+    major, minor = (int(x) for x in str(cc).split(".")[:2])
+    return (major, minor) >= (8, 9)
+
+
 def _triton_decodes(ckv: Fp8Entries, D: int) -> bool:
     from pallas_kernels import _triton
-    return _triton.fp8_blocked(ckv.codes.shape[-1], ckv.rope.shape[-1], _triton.choose_blocks("hca", 1, D).Dp)
+    return (_triton.fp8_blocked(ckv.codes.shape[-1], ckv.rope.shape[-1], _triton.choose_blocks("hca", 1, D).Dp)
+            and _gpu_converts_fp8())
 
 
 def _backend_module(name):
@@ -221,22 +234,25 @@ attention_fp8.defvjp(_attention_fp8_fwd, _attention_fp8_bwd)
 
 
 _CHUNK_BYTES = 1 << 28  # picked rows gathered at a time by ``csa_in_chunks`` (per device)
+_PLAN_BYTES = 1 << 18   # the Mosaic CSA kernel's query plan, in SMEM (about 1 MiB on a TPU core)
 
 
 def tpu_csa_chunk(q, kv, ckv, topk_idx) -> int:
     """Queries per chunk for ``csa_in_chunks``, or 0 where the Mosaic kernel's dense visit of the
     entries is cheaper. A query block of ``bq`` positions visits about as many entries as a query
     sees (``N (T - S/2) / T`` for a causal prefill); over gathered picks it visits ``bq * K`` rows,
-    plus the gather's traffic: chunks pay once that is under half the entries."""
-    from pallas_kernels._mosaic import choose_blocks
+    plus the gather's traffic: chunks pay once that is under half the entries. A batch of
+    sequences whose dense query plan would not fit ``_PLAN_BYTES`` of SMEM is chunked too."""
+    from pallas_kernels._mosaic import choose_blocks, plan_bytes
 
     B, S, H, D = q.shape
     K, N, T = topk_idx.shape[2], ckv.shape[1], kv.shape[1]
     bq = choose_blocks(H).bq
-    if 2 * bq * K >= N * (T - S / 2) / T:
+    if 2 * bq * K >= N * (T - S / 2) / T and plan_bytes(B, S, H) <= _PLAN_BYTES:
         return 0
     per_query = B * K * D * ckv.dtype.itemsize
-    return max(bq, _CHUNK_BYTES // per_query // bq * bq)
+    chunk = min(_CHUNK_BYTES // per_query, _PLAN_BYTES * bq // plan_bytes(B, bq, H))
+    return max(bq, chunk // bq * bq)
 
 
 def csa_in_chunks(spec: Spec, q, kv, ckv, topk_idx, sink, pos, chunk: int):
@@ -244,7 +260,9 @@ def csa_in_chunks(spec: Spec, q, kv, ckv, topk_idx, sink, pos, chunk: int):
     attends to its own gathered picks (``pick_rows``, ``Spec.picked``) and to the kv rows its
     window reaches, so the work is O(S*K) rather than O(S*N). The backward pass recomputes each
     chunk's gather and forward (the gathered rows, S*K*D in all, are never saved); the gather's
-    gradient is a scatter-add."""
+    gradient is a scatter-add in ckv's dtype (bf16 in training: an entry picked by many queries sums
+    their terms in bf16; summing in float32 took 0.47 GiB more temporaries for an 8K-query chunk at
+    128K context, V4-Flash shapes, compiled for v5p)."""
     B, S, H, D = q.shape
     T, K = kv.shape[1], topk_idx.shape[2]
     n = -(-S // chunk)
@@ -277,7 +295,7 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
     backend = resolve_backend(backend, interpret)
     fp8 = mode != "window" and isinstance(ckv, Fp8Entries)
     if fp8 and not (backend == "triton" and _triton_decodes(ckv, q.shape[-1])):
-        # only the Triton forward decodes FP8 entries itself, and only in whole 64-wide blocks
+        # only the Triton forward decodes FP8 entries itself, in whole 64-wide blocks, on GPUs with FP8
         ckv, topk_idx = dequant_for(mode, ckv, topk_idx, jnp.result_type(q, kv, ckv.rope))
         fp8 = False
     if backend == "xla":

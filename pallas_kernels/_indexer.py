@@ -193,12 +193,16 @@ def _call(kernel, grid, operands, in_specs, out_spec, out_shape, *, backend, til
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * len(grid)),
             interpret=interpret, name=name)(pos, *operands[1:])
     from jax.experimental.pallas import triton as plgpu
+    from pallas_kernels._triton import by_batch_rows, int32_batch_rows
 
-    return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=grid, out_specs=out_spec,
-        in_specs=[pl.BlockSpec((1,), lambda *g: (0,))] + in_specs,
-        compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=2),
-        interpret=interpret, name=name)(pos, *operands[1:])
+    def call(*batched):  # grid and operands lead with the batch
+        return pl.pallas_call(
+            kernel, out_shape=jax.ShapeDtypeStruct((batched[0].shape[0],) + out_shape.shape[1:], out_shape.dtype),
+            grid=(batched[0].shape[0],) + grid[1:], out_specs=out_spec,
+            in_specs=[pl.BlockSpec((1,), lambda *g: (0,))] + in_specs,
+            compiler_params=plgpu.CompilerParams(num_warps=tiles.num_warps, num_stages=2),
+            interpret=interpret, name=name)(pos, *batched)
+    return by_batch_rows(call, int32_batch_rows(*operands[1:]), *operands[1:])
 
 
 def scores(q, w, k, q_start, *, ratio: int, backend: str, interpret: bool):

@@ -108,33 +108,48 @@ def _key_mask(spec, source, blk, j, t, *, kv_start, R, idx_ref):
 
 # ----------------------------------------------------------------------------- planning (XLA)
 
-def _plan_queries(spec, blk, B, S, T, N, idxp, pos):
-    """int32 [B*nqb*4]: per query block, key tiles [w_lo, w_hi) of kv and [c_lo, c_hi) of ckv."""
-    q_start, kv_start = pos[0], pos[1]
-    nqb = pl.cdiv(S, blk.bq)
-    t0 = q_start + jnp.arange(nqb) * blk.bq
+def _query_tiles(spec, blk, pos_ref, tab_ref, b, i, *, S, T, N, nqb):
+    """Key tiles a query block needs, [w_lo, w_hi) of kv and [c_lo, c_hi) of ckv: closed forms of the
+    block's positions, except CSA's compressed tiles (from its top-k rows, ``_plan_csa``). Computed in
+    the kernel and index maps, so no table grows with the sequence (SMEM is about 1 MiB)."""
+    q_start, kv_start = pos_ref[0], pos_ref[1]
+    t0 = q_start + i * blk.bq
     t1 = jnp.minimum(t0 + blk.bq - 1, q_start + S - 1)
-    w_lo = jnp.maximum(t0 - spec.window + 1 - kv_start, 0) // blk.bk
-    w_hi = (jnp.minimum(t1 - kv_start, T - 1)) // blk.bk + 1
+    div = lambda x, d: lax.div(x, jnp.int32(d))  # operands >= 0: truncation is floor, and no sign op
+    w_lo = div(jnp.maximum(t0 - spec.window + 1 - kv_start, 0), blk.bk)
+    w_hi = div(jnp.maximum(jnp.minimum(t1 - kv_start, T - 1), 0), blk.bk) + 1
     if spec.mode == "hca":
-        c_lo = jnp.zeros_like(t0)
-        c_hi = pl.cdiv(jnp.minimum(N, (t1 + 1) // spec.ratio), blk.bk)
+        c_lo, c_hi = 0, div(jnp.minimum(N, div(t1 + 1, spec.ratio)) + blk.bk - 1, blk.bk)
     elif spec.mode == "csa":
-        blocks = idxp.reshape(B, nqb, -1)
-        ok = blocks >= 0
-        mn = jnp.min(jnp.where(ok, blocks, N), axis=-1)
-        mx = jnp.max(jnp.where(ok, blocks, -1), axis=-1)
-        any_ok = mx >= 0
-        c_lo = jnp.where(any_ok, mn // blk.bk, 0)
-        c_hi = jnp.where(any_ok, mx // blk.bk + 1, 0)
+        base = (b * nqb + i) * 2
+        c_lo, c_hi = tab_ref[base], tab_ref[base + 1]
     else:
-        c_lo = c_hi = jnp.zeros_like(t0)
-    tab = jnp.stack(jnp.broadcast_arrays(w_lo, w_hi, c_lo, c_hi), axis=-1)
-    return jnp.broadcast_to(tab, (B, nqb, 4)).astype(jnp.int32).reshape(-1)
+        c_lo = c_hi = 0
+    return w_lo, w_hi, c_lo, c_hi
+
+
+def _plan_csa(blk, B, N, idxp):
+    """int32 [B*nqb*2]: per CSA query block, the compressed tiles [c_lo, c_hi) its top-k rows span
+    (a placeholder for other modes)."""
+    if idxp is None:
+        return jnp.zeros((1,), jnp.int32)
+    blocks = idxp.reshape(B, idxp.shape[1] // blk.bq, -1)
+    ok = blocks >= 0
+    mn = jnp.min(jnp.where(ok, blocks, N), axis=-1)
+    mx = jnp.max(jnp.where(ok, blocks, -1), axis=-1)
+    any_ok = mx >= 0
+    c_lo = jnp.where(any_ok, mn // blk.bk, 0)
+    c_hi = jnp.where(any_ok, mx // blk.bk + 1, 0)
+    return jnp.stack([c_lo, c_hi], axis=-1).astype(jnp.int32).reshape(-1)
+
+
+def plan_bytes(B: int, S: int, H: int) -> int:
+    """Bytes of CSA's scalar-prefetched query plan (``_plan_csa``) for B x S queries of H heads."""
+    return 8 * B * pl.cdiv(S, choose_blocks(H).bq)
 
 
 def _plan_keys(spec, source, blk, B, S, R, nqb, idxp, pos):
-    """int32 [B*nkb*2]: per key tile, the query blocks [q_lo, q_hi) that can see it."""
+    """int32 [nkb*2] ([B*nkb*2] for CSA): per key tile, the query blocks [q_lo, q_hi) that can see it."""
     q_start, kv_start = pos[0], pos[1]
     nkb = pl.cdiv(R, blk.bk)
     j0 = jnp.arange(nkb) * blk.bk
@@ -158,8 +173,7 @@ def _plan_keys(spec, source, blk, B, S, R, nqb, idxp, pos):
         q_lo, q_hi = lo_t, hi_t + 1
     empty = lo > hi
     q_lo, q_hi = jnp.where(empty, 0, q_lo), jnp.where(empty, 0, q_hi)
-    tab = jnp.stack(jnp.broadcast_arrays(q_lo, q_hi), axis=-1)
-    return jnp.broadcast_to(tab, (B, nkb, 2)).astype(jnp.int32).reshape(-1)
+    return jnp.stack(jnp.broadcast_arrays(q_lo, q_hi), axis=-1).astype(jnp.int32).reshape(-1)
 
 
 def _clamped(lo, step, hi):
@@ -169,7 +183,7 @@ def _clamped(lo, step, hi):
 
 # ----------------------------------------------------------------------------- query-major kernels
 
-def _query_major_kernel(pos_ref, tab_ref, *refs, spec, blk, n_w, n_steps, T, N, nqb, bwd):
+def _query_major_kernel(pos_ref, tab_ref, *refs, spec, blk, n_w, n_steps, S, T, N, nqb, bwd):
     """Forward (bwd=False) or dq (bwd=True) for one block of M query rows."""
     refs = list(refs)
     q_ref, kv_ref = refs.pop(0), refs.pop(0)
@@ -181,8 +195,7 @@ def _query_major_kernel(pos_ref, tab_ref, *refs, spec, blk, n_w, n_steps, T, N, 
         sink_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     b, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q_start, kv_start = pos_ref[0], pos_ref[1]
-    base = (b * nqb + i) * 4
-    w_lo, w_hi, c_lo, c_hi = tab_ref[base], tab_ref[base + 1], tab_ref[base + 2], tab_ref[base + 3]
+    w_lo, w_hi, c_lo, c_hi = _query_tiles(spec, blk, pos_ref, tab_ref, b, i, S=S, T=T, N=N, nqb=nqb)
     t = _row_positions(blk, q_start + i * blk.bq)
     q = q_ref[...]
     prec = _precision(q.dtype)
@@ -255,7 +268,7 @@ def _prepare(spec, blk, q, kv, ckv, topk_idx, D):
 
 
 def _query_major_call(spec, blk, q2, kvp, ckvp, idxp, pos, tab, extra, extra_specs, out_shape,
-                      out_specs, scratch, *, T, N, bwd):
+                      out_specs, scratch, *, S, T, N, bwd):
     B, rows, D = q2.shape
     nqb = rows // blk.M
     n_w = pl.cdiv(spec.window + blk.bq - 1, blk.bk) + 1
@@ -264,13 +277,15 @@ def _query_major_call(spec, blk, q2, kvp, ckvp, idxp, pos, tab, extra, extra_spe
         n_c = min(n_c, pl.cdiv(blk.bq * spec.picked, blk.bk) + 1)
     n_steps = n_w + n_c
 
+    tiles = functools.partial(_query_tiles, spec, blk, S=S, T=T, N=N, nqb=nqb)
+
     def kv_map(b, i, c, pos_ref, tab_ref):
-        base = (b * nqb + i) * 4
-        return b, _clamped(tab_ref[base], c, tab_ref[base + 1]), 0
+        w_lo, w_hi, _, _ = tiles(pos_ref, tab_ref, b, i)
+        return b, _clamped(w_lo, c, w_hi), 0
 
     def ckv_map(b, i, c, pos_ref, tab_ref):
-        base = (b * nqb + i) * 4
-        return b, _clamped(tab_ref[base + 2], c - n_w, tab_ref[base + 3]), 0
+        _, _, c_lo, c_hi = tiles(pos_ref, tab_ref, b, i)
+        return b, _clamped(c_lo, c - n_w, c_hi), 0
 
     in_specs = [pl.BlockSpec((None, blk.M, D), lambda b, i, c, *_: (b, i, 0)),
                 pl.BlockSpec((None, blk.bk, D), kv_map)]
@@ -282,7 +297,7 @@ def _query_major_call(spec, blk, q2, kvp, ckvp, idxp, pos, tab, extra, extra_spe
         in_specs.append(pl.BlockSpec((None, blk.bq, idxp.shape[2]), lambda b, i, c, *_: (b, i, 0)))
         args.append(idxp)
     kernel = functools.partial(_query_major_kernel, spec=spec, blk=blk, n_w=n_w, n_steps=n_steps,
-                               T=T, N=N, nqb=nqb, bwd=bwd)
+                               S=S, T=T, N=N, nqb=nqb, bwd=bwd)
     return pl.pallas_call(
         kernel, out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -304,7 +319,7 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos):
     blk = choose_blocks(H)
     T, N = kv.shape[1], 0 if ckv is None else ckv.shape[1]
     q2, kvp, ckvp, idxp = _prepare(spec, blk, q, kv, ckv, topk_idx, D)
-    tab = _plan_queries(spec, blk, B, S, T, N, idxp, pos)
+    tab = _plan_csa(blk, B, N, idxp)
     sink_rows = jnp.tile(_pad_to(sink, (blk.Hp,)), blk.bq)[None, :]
     rows = q2.shape[1]
     o2, lse = _query_major_call(
@@ -313,7 +328,7 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos):
         [jax.ShapeDtypeStruct(q2.shape, q.dtype), jax.ShapeDtypeStruct((B, 1, rows), jnp.float32)],
         [pl.BlockSpec((None, blk.M, D), lambda b, i, c, *_: (b, i, 0)), _stat_spec(blk)],
         [pltpu.VMEM((1, blk.M), jnp.float32), pltpu.VMEM((1, blk.M), jnp.float32),
-         pltpu.VMEM((D, blk.M), jnp.float32)], T=T, N=N, bwd=False)
+         pltpu.VMEM((D, blk.M), jnp.float32)], S=S, T=T, N=N, bwd=False)
     o = o2.reshape(B, -1, blk.Hp, D)[:, :S, :H]
     return o, lse.reshape(B, -1, blk.Hp)[:, :S, :H]
 
@@ -326,7 +341,7 @@ def _key_major_kernel(pos_ref, tab_ref, src_ref, q_ref, do_ref, lse_ref, delta_r
     idx_ref, out_ref, acc_sc = refs if source == "csa" else (None, *refs)
     b, kb, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     q_start, kv_start = pos_ref[0], pos_ref[1]
-    base = (b * nkb + kb) * 2
+    base = ((b if source == "csa" else 0) * nkb + kb) * 2
     qb = tab_ref[base] + c
 
     @pl.when(c == 0)
@@ -364,7 +379,7 @@ def _key_major_call(spec, source, blk, srcp, q2, do2, lse2, delta2, idxp, pos, *
     tab = _plan_keys(spec, source, blk, B, S, R, nqb, idxp, pos)
 
     def qblock(b, k, c, pos_ref, tab_ref):
-        base = (b * nkb + k) * 2
+        base = ((b if source == "csa" else 0) * nkb + k) * 2
         return _clamped(tab_ref[base], c, tab_ref[base + 1])
 
     qspec = pl.BlockSpec((None, blk.M, D), lambda b, k, c, p, t: (b, qblock(b, k, c, p, t), 0))
@@ -400,13 +415,13 @@ def backward(spec, q, kv, ckv, topk_idx, sink, pos, lse, delta, do):
     do2 = _pad_to(do, (B, Sp, blk.Hp, D)).reshape(q2.shape)
     lse2 = _pad_to(lse, (B, Sp, blk.Hp), value=jnp.inf).reshape(B, 1, -1)  # padded rows: p = 0
     delta2 = _pad_to(delta, (B, Sp, blk.Hp)).reshape(B, 1, -1)
-    tab = _plan_queries(spec, blk, B, S, T, N, idxp, pos)
+    tab = _plan_csa(blk, B, N, idxp)
     dq2 = _query_major_call(
         spec, blk, q2, kvp, ckvp, idxp, pos, tab, [do2, lse2, delta2],
         [pl.BlockSpec((None, blk.M, D), lambda b, i, c, *_: (b, i, 0)), _stat_spec(blk), _stat_spec(blk)],
         jax.ShapeDtypeStruct(q2.shape, q.dtype),
         pl.BlockSpec((None, blk.M, D), lambda b, i, c, *_: (b, i, 0)),
-        [pltpu.VMEM((D, blk.M), jnp.float32)], T=T, N=N, bwd=True)
+        [pltpu.VMEM((D, blk.M), jnp.float32)], S=S, T=T, N=N, bwd=True)
     dq = dq2.reshape(B, Sp, blk.Hp, D)[:, :S, :H]
     dkv = _key_major_call(spec, "window", blk, kvp, q2, do2, lse2, delta2, None, pos, S=S, R=T)
     dckv = None

@@ -109,12 +109,14 @@ def tiles(mode: str, kernel: str, **fields):
 def _tiled_blocks(mode: str, kernel: str, H: int, D: int) -> Blocks:
     """``choose_blocks`` with the fields ``tiles`` set for this kernel."""
     blk = dataclasses.replace(choose_blocks(mode, H, D), **_TILES.get((mode, kernel), {}))
-    ok = (blk.Hp % blk.bh == 0 and blk.bh & (blk.bh - 1) == 0 and (blk.bq == 1 or mode != "csa")
-          and (blk.bcol == 0 or (blk.Dp % blk.bcol == 0 and blk.bcol >= 16)))
+    pow2 = lambda n: n >= 1 and n & (n - 1) == 0
+    ok = (blk.Hp % blk.bh == 0 and pow2(blk.bh) and (blk.bq == 1 or mode != "csa")
+          and (blk.bcol == 0 or (blk.Dp % blk.bcol == 0 and blk.bcol >= 16))
+          and pow2(blk.bk) and pow2(blk.bk_dq) and (mode != "csa" or kernel != "bwd" or blk.bk_dq <= blk.bk))
     if not ok:
         raise ValueError(f"{kernel} tiles for {mode} at H={H}, D={D}: {blk} is not a tiling (bh must be a power "
                          f"of 2 dividing the padded heads {blk.Hp}, bcol 0 or >= 16 dividing the padded width "
-                         f"{blk.Dp}, bq 1 for csa)")
+                         f"{blk.Dp}, bq 1 for csa, bk and bk_dq powers of 2, for the csa backward bk_dq <= bk)")
     return blk
 
 
@@ -168,6 +170,39 @@ def fp8_blocked(c: int, rd: int, Dp: int) -> bool:
     """Whether FP8 entries of ``c`` code dims and ``rd`` RoPE dims can be decoded in the kernel:
     both whole 64-wide column blocks that fill ``Dp`` (V4: 448 + 64 = 512)."""
     return c % FP8_BLOCK == 0 and rd % FP8_BLOCK == 0 and c + rd == Dp
+
+
+_I32_MAX = 2 ** 31 - 1
+
+
+def int32_batch_rows(*arrays) -> int:
+    """Batch rows per call such that Pallas Triton's offsets into these ``[B, ...]`` arrays fit int32.
+
+    The Triton lowering indexes an operand of at most 2^32 bytes with int32 element offsets, which
+    wrap negative past 2^31 - 1: a 1-byte operand (FP8 codes, packed FP4 keys) of 2-4 GiB would be read
+    at wrong addresses. Those are split into calls over fewer batch rows (larger operands get int64
+    offsets; wider dtypes stay under 2^31 elements).
+    """
+    B = arrays[0].shape[0]
+    rows = B
+    for a in arrays:
+        if a.dtype.itemsize == 1 and _I32_MAX < a.size <= 2 ** 32:
+            per_row = a.size // B
+            if per_row > _I32_MAX:
+                raise ValueError(f"a batch row of {per_row} one-byte elements ({a.shape}) is beyond the "
+                                 f"int32 offsets of Pallas Triton")
+            rows = min(rows, _I32_MAX // per_row)
+    return rows
+
+
+def by_batch_rows(fn, rows: int, *batched):
+    """``fn(*batched)`` (each a ``[B, ...]`` pytree, or None) as calls over ``rows`` batch rows at a time,
+    outputs (pytrees of ``[B, ...]`` arrays) concatenated."""
+    B = jax.tree.leaves(batched)[0].shape[0]
+    if rows >= B:
+        return fn(*batched)
+    outs = [fn(*jax.tree.map(lambda a: a[i:i + rows], batched)) for i in range(0, B, rows)]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
 def _gather_cols(ref, rows, lo, w):
@@ -256,9 +291,10 @@ def _key_loops(spec, blk, *, t0, t_row, kv_start, T, N, Kp, split, n_split, body
             valid = ((j[None, :] + 1) * spec.ratio <= t_row[:, None] + 1) & (j < N)[None, :]
             return body(carry, keys, valid, None)
         idx = idx_ref[pl.ds(c * bk, bk)]
-        keys = entries_of(ckv_ref, jnp.maximum(idx, 0))
-        valid = jnp.broadcast_to((idx >= 0)[None, :], (M, bk))
-        return body(carry, keys, valid, jnp.where(idx >= 0, idx, N))
+        ok = (idx >= 0) & (idx < N)  # -1 slots; an index past the entries (a caller's bug) reads nothing
+        keys = entries_of(ckv_ref, jnp.where(ok, idx, 0))
+        valid = jnp.broadcast_to(ok[None, :], (M, bk))
+        return body(carry, keys, valid, jnp.where(ok, idx, N))
 
     return lax.fori_loop(lo, hi, comp_tile, carry)
 
@@ -364,6 +400,9 @@ def forward(spec, q, kv, ckv, topk_idx, sink, pos, num_splits=None):
     """Returns (o [B,S,H,D] in q.dtype, lse [B,S,H] f32). ckv may be ``Fp8Entries`` (decoded per
     key tile; the backward kernels take arrays only)."""
     B, S, H, D = q.shape
+    if isinstance(ckv, Fp8Entries) and int32_batch_rows(*ckv) < B:
+        return by_batch_rows(lambda *a: forward(spec, *a[:4], sink, pos, num_splits), int32_batch_rows(*ckv),
+                             q, kv, ckv, topk_idx)
     blk = _tiled_blocks(spec.mode, "fwd", H, D)
     if isinstance(ckv, Fp8Entries):
         # 16 query rows per program: with the per-block accumulators and decoding, 32 rows at

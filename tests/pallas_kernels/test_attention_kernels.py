@@ -414,6 +414,63 @@ def test_fp8_entries_are_checked():
         jax.grad(lambda q: jnp.sum(pk.compressed_attention(q, kv, good, sink, **kw)))(q)
 
 
+def test_fp8_entries_past_int32_offsets_split_the_batch(monkeypatch):
+    """Pallas Triton indexes an operand of at most 4 GiB with int32 offsets: FP8 codes of 2-4 GiB (CSA
+    at 1M context, batch 19-38) are read by calls over fewer batch rows, larger ones by one call."""
+    from pallas_kernels import _triton
+    from v4jax import quant
+    sd = jax.ShapeDtypeStruct
+    H, D, W, t = 64, 512, 128, (1 << 20) - 1
+    N = (1 << 20) // 4
+
+    def kernels(B):
+        entries = ref.Fp8Entries(sd((B, N, 448), jnp.float8_e4m3fn), sd((B, N, 7), jnp.int8),
+                                 sd((B, N, 64), jnp.bfloat16))
+        f = lambda q, kv, e, sink, idx: pk.sparse_attention(q, kv, e, idx, sink, window=W, scale=D ** -0.5,
+                                                            q_start=t, kv_start=t + 1 - W, backend="triton")
+        args = (sd((B, 1, H, D), jnp.bfloat16), sd((B, W, D), jnp.bfloat16), entries, sd((H,), jnp.float32),
+                sd((B, 1, 512), jnp.int32))
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton")
+    assert [kernels(B) for B in (16, 20, 40)] == [1, 2, 1]  # 2^31 elements = 18.3 rows; 2^32 bytes = 36.6
+
+    # the split calls give the values of one call (a small limit, interpret mode)
+    rng = np.random.default_rng(3)
+    B, S, H, D, q_start = 5, 3, 4, 128, 40
+    T, N = q_start + S, (q_start + S) // 4
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, kv, sink, x = normal(B, S, H, D), normal(B, T, D), normal(H), normal(B, N, D)
+    entries = ref.Fp8Entries(*quant.quant_fp8_act(x[..., :64], 64), x[..., 64:])
+    idx = _topk(rng, B, S, 6, q_start, N)
+    kw = dict(window=8, scale=D ** -0.5, q_start=q_start, backend="triton", interpret=True)
+    whole = pk.sparse_attention(q, kv, entries, idx, sink, **kw)
+    monkeypatch.setattr(_triton, "_I32_MAX", 2 * N * 64)  # two batch rows of codes per call
+    split = pk.sparse_attention(q, kv, entries, idx, sink, **kw)
+    assert _triton.int32_batch_rows(*entries) == 2
+    np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
+
+
+def test_fp8_entries_are_dequantised_first_on_gpus_without_fp8(monkeypatch):
+    """Triton has no FP8 conversion before compute capability 8.9 (A100: 8.0) and aborts the process;
+    the entries are then dequantised by XLA before the kernel."""
+    from pallas_kernels import _core
+
+    class Gpu:
+        platform, compute_capability = "gpu", "8.0"
+    sd = jax.ShapeDtypeStruct
+    B, H, D, N = 1, 8, 512, 64
+    entries = ref.Fp8Entries(sd((B, N, 448), jnp.float8_e4m3fn), sd((B, N, 7), jnp.int8), sd((B, N, 64), jnp.bfloat16))
+    args = (sd((B, 1, H, D), jnp.bfloat16), sd((B, 16, D), jnp.bfloat16), entries, sd((H,), jnp.float32))
+
+    def lowered():  # a new function each time: no cached trace
+        f = lambda q, kv, e, sink: pk.compressed_attention(q, kv, e, sink, window=16, ratio=8, scale=0.1,
+                                                           q_start=600, kv_start=585, backend="triton")
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    expanded = "tensor<1x%dx512xbf16>" % N
+    assert expanded not in lowered()
+    monkeypatch.setattr(_core.jax, "devices", lambda *a: [Gpu()])
+    assert expanded in lowered()
+
+
 @pytest.mark.parametrize("mode", ("hca", "csa"))
 def test_fp8_decode_lowers_for_gpu_as_one_kernel(mode):
     """V4-Flash decode at 1M context with FP8 entries: one Triton kernel and no dequantised copy
@@ -530,3 +587,9 @@ def test_tiles_are_checked():
             pass
     with pytest.raises(ValueError, match="not a tiling"), _triton.tiles("csa", "fwd", bcol=24):
         _call("csa", pk, args, kw, backend="triton", interpret=True)(args["q"], args["kv"], args["ckv"], args["sink"])
+    # a dq key tile wider than the backward's (which pads the top-k rows) would drop top-k slots
+    grad = jax.grad(lambda q: jnp.sum(_call("csa", pk, args, kw, backend="triton", interpret=True)(
+        q, args["kv"], args["ckv"], args["sink"])))
+    with pytest.raises(ValueError, match="not a tiling"), _triton.tiles("csa", "bwd", bk_dq=128):
+        grad(args["q"])
+

@@ -156,3 +156,17 @@ def test_lowers_for_accelerator(backend, platform, decode, keys):
     f = lambda q, w, k: pk.indexer_topk(q, w, k, 512, q_start=q_start, backend=backend)
     text = jax.jit(f).trace(q, w, k).lower(lowering_platforms=(platform,)).as_text()
     assert text.count("__gpu$xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") == 1
+
+
+def test_fp4_keys_past_int32_offsets_split_the_batch():
+    """Packed FP4 keys of 2-4 GiB (1M context, batch 128-255) are scored by Triton calls over fewer batch
+    rows (Pallas Triton indexes an operand of at most 4 GiB with int32 offsets); larger ones by one."""
+    sd = jax.ShapeDtypeStruct
+    N, t = 1 << 18, (1 << 20) - 1
+
+    def kernels(B):
+        q, w = sd((B, 1, 64, 128), jnp.bfloat16), sd((B, 1, 64), jnp.float32)
+        k = pk.Fp4Keys(sd((B, N, 64), jnp.uint8), sd((B, N, 4), jnp.int8))
+        f = lambda q, w, k: pk.indexer_scores(q, w, k, q_start=t, backend="triton")
+        return jax.jit(f).trace(q, w, k).lower(lowering_platforms=("cuda",)).as_text().count("__gpu$xla.gpu.triton")
+    assert [kernels(B) for B in (100, 160, 300)] == [1, 2, 1]

@@ -67,6 +67,28 @@ def test_attention_kernels_compile_for_tpu(mode, topology):
         assert compiled.memory_analysis().temp_size_in_bytes < (1 << 30)
 
 
+@pytest.mark.parametrize("mode", ["window", "hca", "csa"])
+def test_long_prefills_compile_for_tpu(mode):
+    """Scalar-prefetched plans stay within SMEM (about 1 MiB) however long the prefill or large the
+    batch: 512K queries of V4-Flash shapes (forward), 1M queries of 8 heads (forward + backward), and
+    for CSA 64 sequences of 16K queries (forward + backward, chunked)."""
+    rep = _one_chip("v5p:2x2x1")
+
+    def sd(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    cases = [(1, 1 << 19, 64, 512, False), (1, 1 << 20, 8, 128, True)]
+    if mode == "csa":
+        cases = [(1, 1 << 19, 64, 512, False), (64, 1 << 14, 8, 128, True)]
+    for B, S, H, D, grad in cases:
+        N = S // (4 if mode == "csa" else 128)
+        f = attention_sum(mode, window=128, scale=D ** -0.5, backend="mosaic")
+        g = jax.value_and_grad(f, argnums=(0, 1, 2, 4)) if grad else f
+        args = (sd((B, S, H, D), jnp.bfloat16), sd((B, S, D), jnp.bfloat16), sd((B, N, D), jnp.bfloat16),
+                sd((B, S, 512 if D == 512 else 64), jnp.int32), sd((H,), jnp.float32))
+        compiled = jax.jit(g).trace(*args).lower().compile()
+        assert "tpu_custom_call" in compiled.as_text()
+
+
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
 @pytest.mark.parametrize("keys", ["bf16", "fp4"])
 def test_indexer_compiles_for_tpu(keys, topology):
