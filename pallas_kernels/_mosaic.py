@@ -5,8 +5,10 @@ TPU kernels cannot gather rows from VMEM cheaply, so this family works on dense,
   reshape), ``M = bq*Hp`` rows per program (a multiple of 128).
 * Keys: tiles of ``bk = 128`` rows of ``kv`` (the window span) or ``ckv``, delivered by
   BlockSpec pipelining along the last ("arbitrary") grid axis; which tiles a program needs is
-  computed up front in XLA (``_plan_*``) and scalar-prefetched, so index maps only clamp and
-  skipped steps re-use the resident tile (no DMA).
+  computed from the positions in the index maps (``_query_tiles``) or, where it depends on the
+  top-k rows or for the key-major kernels, up front in XLA (``_plan_*``) and scalar-prefetched
+  (SMEM, about 1 MiB: sized per query block, not per query), so index maps only clamp and skipped
+  steps re-use the resident tile (no DMA).
 * Scores are kept transposed, ``sT = k @ q^T : [bk, M]``, so per-row statistics (max, sum,
   lse) are lane vectors ``[1, M]``; the output accumulator is ``[D, M]`` and is transposed once.
 * HCA masks ``j < (t+1)//ratio``. CSA multiplies each entry's probability by its multiplicity
