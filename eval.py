@@ -63,6 +63,22 @@ MESH_HELP = ("split the model over the local devices: AXIS=SIZE,... over data, f
              "(e.g. expert=8; unnamed data takes the remaining devices). Default: one device")
 
 
+def _at_least(n: int):
+    """An argparse type: an integer >= n."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < n:
+            raise argparse.ArgumentTypeError(f"must be >= {n}, got {v}")
+        return v
+    return parse
+
+
+POSITIVE, COUNT = _at_least(1), _at_least(0)
+
+
 def _device_mesh(spec):
     """``--mesh expert=4,tensor=2`` -> a ``jax.sharding.Mesh`` (None without the flag)."""
     if not spec:
@@ -116,31 +132,41 @@ def _write_npz(path, **arrays):
     os.replace(tmp, p)
 
 
-def _tokens(args, vocab: int) -> np.ndarray:
-    need = args.prefill + max(args.decode, 1)
+def _read_tokens(args) -> np.ndarray | None:
+    """--tokens, checked before the model is loaded (its ids against the vocabulary after)."""
     if args.tokens is None:
-        rng = np.random.default_rng(args.seed)
-        return rng.integers(0, vocab, size=(args.batch, need + 1), dtype=np.int32)
+        return None
     p = Path(args.tokens)
     if not p.is_file():
         raise SystemExit(f"error: --tokens file not found: {p}")
     try:
-        t = np.load(p)
-    except ValueError as e:
-        raise SystemExit(f"error: --tokens {p} is not a .npy array ({e})")
+        t = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --tokens {p} is not a .npy array of token ids ({e})")
     if t.ndim != 2 or not np.issubdtype(t.dtype, np.integer):
         raise SystemExit(f"error: --tokens must be an integer array [B, T], got {t.dtype}{list(t.shape)}")
-    if t.size and (t.min() < 0 or t.max() >= vocab):
-        raise SystemExit(f"error: --tokens has ids in [{t.min()}, {t.max()}], the vocabulary is [0, {vocab})")
+    if t.shape[1] < args.prefill + args.decode:
+        raise SystemExit(f"error: --tokens has {t.shape[1]} columns; --prefill {args.prefill} + --decode "
+                         f"{args.decode} needs {args.prefill + args.decode} (one more with an MTP block)")
     return t.astype(np.int32)
+
+
+def _tokens(args, tokens, vocab: int) -> np.ndarray:
+    if tokens is None:
+        rng = np.random.default_rng(args.seed)
+        return rng.integers(0, vocab, size=(args.batch, args.prefill + max(args.decode, 1) + 1), dtype=np.int32)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise SystemExit(f"error: --tokens has ids in [{tokens.min()}, {tokens.max()}], the vocabulary is [0, {vocab})")
+    return tokens
 
 
 def cmd_logits(args):
     from v4jax.generate import dump_logits
 
+    tokens = _read_tokens(args)
     t0 = time.time()
     model = _load_model(args)
-    tokens = _tokens(args, model.cfg.vocab_size)
+    tokens = _tokens(args, tokens, model.cfg.vocab_size)
     print(f"model: {model.cfg.num_hidden_layers} layers, hidden {model.cfg.hidden_size}, "
           f"ratios {list(model.cfg.compress_ratios)}, mode {args.mode} ({time.time() - t0:.1f}s to load)")
     engine = _engine(args, model, args.prefill + args.decode)
@@ -168,19 +194,28 @@ def _prompts(args) -> list[str]:
     return prompts
 
 
-def _encode_prompt(args, tok, bos, text: str) -> list[int]:
+def _history(args) -> list[dict]:
+    """--history: a JSON list of {role, content} messages (checked before the model is loaded)."""
+    if args.raw and (args.system or args.history or args.thinking):
+        raise SystemExit("error: --raw encodes the prompt text alone: it excludes --system, --history and --thinking")
+    if not args.history:
+        return []
+    import json
+    try:
+        history = json.loads(Path(args.history).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --history {args.history}: {e}")
+    if not isinstance(history, list) or not all(isinstance(m, dict) for m in history):
+        raise SystemExit(f"error: --history {args.history}: expected a JSON list of {{role, content}} messages")
+    return history
+
+
+def _encode_prompt(args, tok, bos, text: str, history: list[dict]) -> list[int]:
     from v4jax import chat
 
     if args.raw:
         ids = tok.encode(text, add_special_tokens=False).ids
         return ([bos] if bos is not None and not args.no_bos else []) + ids
-    history = []
-    if args.history:
-        import json
-        try:
-            history = json.loads(Path(args.history).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --history {args.history}: {e}")
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + history
     messages.append({"role": "user", "content": text})
     try:
@@ -209,10 +244,10 @@ class _Streamer:
 def cmd_generate(args):
     from v4jax.generate import generate
 
+    texts, history = _prompts(args), _history(args)
     model = _load_model(args)
     tok, bos, stops = _tokenizer(args, model.cfg)
-    texts = _prompts(args)
-    prompts = [_encode_prompt(args, tok, bos, t) for t in texts]
+    prompts = [_encode_prompt(args, tok, bos, t, history) for t in texts]
     max_len = args.max_len or max(len(p) for p in prompts) + args.max_new_tokens
     engine = _engine(args, model, max_len)
     streamer = _Streamer(tok) if len(prompts) == 1 and not args.no_stream else None
@@ -241,14 +276,19 @@ def cmd_generate(args):
 
 # ------------------------------------------------------------------------------------------- perplexity
 
-def _documents(args, tok, bos):
-    """(token arrays, UTF-8 byte counts or None) of the --data files."""
+def _data_files(args) -> list[str]:
     from v4jax import data
 
     try:
-        files = data.expand_paths(tuple(args.data))
+        return data.expand_paths(tuple(args.data))
     except FileNotFoundError as e:
         raise SystemExit(f"error: {str(e).replace('DataConfig.paths', '--data')}")
+
+
+def _documents(args, files, tok, bos):
+    """(token arrays, UTF-8 byte counts or None) of the --data files."""
+    from v4jax import data
+
     fmt = args.format
     docs, nbytes = [], []
     for f in files:
@@ -263,13 +303,13 @@ def _documents(args, tok, bos):
                 continue
             texts = [data.read_text(f)] if kind == "text" else data.read_jsonl(f, args.text_field)
         except ValueError as e:
-            raise SystemExit(f"error: {e}")
+            raise SystemExit(f"error: {str(e).replace('(DataConfig.text_field)', '(--text-field)')}")
         for t in texts:
             head = [bos] if bos is not None and not args.no_bos else []
             docs.append(np.asarray(head + tok.encode(t, add_special_tokens=False).ids, np.int32))
             if nbytes is not None:
                 nbytes.append(len(t.encode("utf-8")))
-    if args.max_docs:
+    if args.max_docs is not None:
         docs = docs[:args.max_docs]
         nbytes = nbytes[:args.max_docs] if nbytes is not None else None
     return docs, nbytes
@@ -278,9 +318,10 @@ def _documents(args, tok, bos):
 def cmd_perplexity(args):
     from v4jax.evaluate import Scorer, perplexity
 
+    files = _data_files(args)
     model = _load_model(args)
     tok, bos, _ = _tokenizer(args, model.cfg)
-    docs, nbytes = _documents(args, tok, bos)
+    docs, nbytes = _documents(args, files, tok, bos)
     V = model.cfg.vocab_size
     for i, d in enumerate(docs):
         if d.size and (d.min() < 0 or d.max() >= V):
@@ -442,7 +483,7 @@ def _model_flags(p, *, layout_default="float"):
     p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
     _impl_flags(p, layout_default)
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for random init / sampling / keys")
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -459,10 +500,10 @@ def _add_commands(sub):
     p.add_argument("--thinking", action="store_true", help="thinking mode: open <think> after the assistant tag")
     p.add_argument("--raw", action="store_true", help="no chat template: BOS + the prompt text")
     p.add_argument("--no-bos", action="store_true", help="with --raw: do not prepend BOS")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="generated tokens per prompt (default 128)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="generated tokens per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--max-len", type=int, default=None, help="cache length (default: longest prompt + new tokens)")
+    p.add_argument("--max-len", type=POSITIVE, default=None, help="cache length (default: longest prompt + new tokens)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
     p.add_argument("--json", help="also write prompts, completions and token ids to this JSON file")
     p.set_defaults(func=cmd_generate)
@@ -476,22 +517,22 @@ def _add_commands(sub):
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
     p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to text documents")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--seq-len", type=POSITIVE, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=POSITIVE, default=None,
                    help="new targets per window; < seq-len re-reads seq-len - stride tokens as context "
                         "(default seq-len: disjoint windows)")
-    p.add_argument("--batch", type=int, default=1, help="windows per forward pass (default 1)")
-    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--batch", type=POSITIVE, default=1, help="windows per forward pass (default 1)")
+    p.add_argument("--max-docs", type=POSITIVE, default=None, help="score only the first N documents")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="prefill / decode throughput and latency, memory, KV-cache size")
     _model_flags(p)
-    p.add_argument("--batch", type=int, default=1, help="rows (default 1)")
-    p.add_argument("--prompt-len", type=int, default=128, help="prefill length (default 128)")
-    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (default 32)")
-    p.add_argument("--iters", type=int, default=3, help="timed prefills (default 3)")
-    p.add_argument("--context", type=int, default=None,
+    p.add_argument("--batch", type=POSITIVE, default=1, help="rows (default 1)")
+    p.add_argument("--prompt-len", type=POSITIVE, default=128, help="prefill length (default 128)")
+    p.add_argument("--decode-steps", type=POSITIVE, default=32, help="timed decode steps (default 32)")
+    p.add_argument("--iters", type=POSITIVE, default=3, help="timed prefills (default 3)")
+    p.add_argument("--context", type=POSITIVE, default=None,
                    help="context length for the KV-cache figure (default prompt-len + decode-steps)")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_bench)
@@ -500,9 +541,9 @@ def _add_commands(sub):
     _model_flags(p)
     p.add_argument("--lengths", default="256,1024,4096", help="context lengths in tokens (default 256,1024,4096)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1] (default 0,.25,.5,.75,1)")
-    p.add_argument("--trials", type=int, default=2, help="random keys per cell (default 2)")
-    p.add_argument("--batch", type=int, default=4, help="prompts per generation batch (default 4)")
-    p.add_argument("--digits", type=int, default=5, help="digits of the pass key (default 5)")
+    p.add_argument("--trials", type=POSITIVE, default=2, help="random keys per cell (default 2)")
+    p.add_argument("--batch", type=POSITIVE, default=4, help="prompts per generation batch (default 4)")
+    p.add_argument("--digits", type=POSITIVE, default=5, help="digits of the pass key (default 5)")
     p.add_argument("--chat", action="store_true", help="wrap the context in the chat encoding (non-thinking)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's; --config: the tiny one)")
     p.add_argument("--json", help="also write the table and every answer to this JSON file")
@@ -522,7 +563,7 @@ def _add_commands(sub):
                    help="largest relative distance from a rounding midpoint counted as a near-tie (default 1e-5)")
     p.add_argument("--tol", type=float, default=1e-5,
                    help="relative L2 error per position counted as agreement (default 1e-5)")
-    p.add_argument("--max-ties", type=int, default=40, help="give up after this many near-ties (default 40)")
+    p.add_argument("--max-ties", type=POSITIVE, default=40, help="give up after this many near-ties (default 40)")
     p.add_argument("--out", help="also write the logits with the near-ties rounded the reference's way")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_qat_ties, config=None, mode="qat", kv_cache="auto", seed=0, mesh=None)
@@ -536,15 +577,16 @@ def main(argv=None):
     src = p.add_argument_group("model (one of)")
     src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
     src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
-    p.add_argument("--tokens", help="int .npy [B, >=N+M+1]; default: random tokens (--batch, --seed)")
-    p.add_argument("--prefill", type=int, required=True, help="N: prefill length")
-    p.add_argument("--decode", type=int, default=0, help="M: decode steps after the prefill (default 0)")
+    p.add_argument("--tokens", help="int .npy [B, T], T >= N+M (and >= N+1 with an MTP block); default: random "
+                                    "tokens (--batch, --seed)")
+    p.add_argument("--prefill", type=POSITIVE, required=True, help="N: prefill length")
+    p.add_argument("--decode", type=COUNT, default=0, help="M: decode steps after the prefill (default 0)")
     p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
     _impl_flags(p)
     p.add_argument("--kv-cache", choices=["auto", "fp8"], default="auto", help=KV_CACHE_HELP)
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
+    p.add_argument("--prefill-chunk", type=POSITIVE, default=None, metavar="N", help=PREFILL_CHUNK_HELP)
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--batch", type=int, default=2, help="rows of random tokens when --tokens is not given")
+    p.add_argument("--batch", type=POSITIVE, default=2, help="rows of random tokens when --tokens is not given")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens / random init")
     p.add_argument("--mesh", default=None, help=MESH_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -6,7 +6,7 @@
 Overrides address the config's sections: model.*, train.* (steps, log_every, mode, loss weights),
 data.*, optimizer.*, mesh.* (data, fsdp, expert, tensor), checkpoint.* (every, keep, async_save).
 Re-running with the same workdir resumes from its newest checkpoint. SIGTERM / Ctrl-C save a
-checkpoint and exit.
+checkpoint and exit with status 128 + the signal number (143 / 130; a finished run: 0).
 
   python train.py --config configs/small.yaml --compile-only v5p:2x2x1 [dotted.key=value ...]
 
@@ -29,12 +29,12 @@ def main(argv=None):
                          "per device instead of training; needs libtpu, not a TPU")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before and after the flags
     if not args.workdir and not args.compile_only:
         ap.error("--workdir is required (unless --compile-only)")
 
     from v4jax.config import ConfigError, load_config
-    from v4jax.trainer import compile_for_tpu, train
+    from v4jax.trainer import TrainingStopped, compile_for_tpu, train
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -48,6 +48,9 @@ def main(argv=None):
         metrics = train(cfg, args.workdir, progress=not args.quiet)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
+    except TrainingStopped as e:  # a scheduler tells a stopped run (128 + signal) from a finished one (0)
+        print(e)
+        return 128 + e.signum
     if metrics:
         m = metrics[-1]
         print(f"step {m['step']}: loss {m['loss']:.4f}, {m['tokens_per_s']:.0f} tokens/s -> {args.workdir}")

@@ -332,6 +332,11 @@ def test_trained_model_export_reproduces_its_logits(tmp_path):
     as_trained = np.asarray(forward(trained("exact", round_bf16_tensors(params, cfg)), tokens), np.float64)
     assert rel(reloaded) > 1e-4                               # the rounding matters, and is reproduced:
     assert np.max(_rel_err(reloaded, as_trained)) < 1e-5       # (bit-identical on CPU)
+    # eval.py --checkpoint on the run itself loads what its export holds, with the run's tokenizer
+    from v4jax.evaluate import load_any, load_tokenizer_for
+    direct = np.asarray(forward(load_any(work, mode="exact", progress=False), tokens), np.float64)
+    assert np.max(_rel_err(direct, reloaded)) < 1e-6
+    assert load_tokenizer_for(work)[1] == str(TINY_TOKENIZER)
 
 
 def _rel_err(a, b):

@@ -247,6 +247,29 @@ def test_cli_bad_mesh_flag_names_the_problem(ckpt):
             ev.main(["bench", "--checkpoint", str(ckpt), "--mesh", spec, "--quiet"])
 
 
+def test_cli_checks_its_arguments_before_loading_the_model(tmp_path, capsys):
+    """Bad arguments are named before a (possibly minutes-long) load: the checkpoint here does not exist."""
+    ev = eval_cli()
+    nowhere = ["--checkpoint", str(tmp_path / "nowhere"), "--quiet"]
+    for cmd, said in ((["logits", "--prefill", "0", "--out", "x.npz"], "--prefill: must be >= 1, got 0"),
+                      (["bench", "--iters", "0"], "--iters: must be >= 1"),
+                      (["perplexity", "--data", "x.txt", "--stride", "0"], "--stride: must be >= 1"),
+                      (["needle", "--trials", "-1"], "--trials: must be >= 1")):
+        with pytest.raises(SystemExit):
+            ev.main(cmd + nowhere)
+        assert said in capsys.readouterr().err
+    np.save(tmp_path / "short.npy", np.zeros((1, 5), np.int32))
+    (tmp_path / "object.json").write_text('{"role": "user"}')
+    for cmd, said in (
+            (["logits", "--prefill", "4", "--decode", "3", "--tokens", str(tmp_path / "short.npy"), "--out", "x.npz"],
+             "--tokens has 5 columns; --prefill 4 \\+ --decode 3 needs 7"),
+            (["generate", "--prompt", "hi", "--history", str(tmp_path / "object.json")], "expected a JSON list"),
+            (["generate", "--prompt", "hi", "--raw", "--system", "be brief"], "--raw .* excludes --system"),
+            (["perplexity", "--data", str(tmp_path / "missing*.txt")], "--data")):
+        with pytest.raises(SystemExit, match=said):
+            ev.main(cmd + nowhere)
+
+
 def test_cli_bad_prefill_chunk_names_the_rule(ckpt):
     with pytest.raises(SystemExit, match="--prefill-chunk: prefill_chunk must be a positive multiple of"):
         eval_cli().main(["bench", "--checkpoint", str(ckpt), "--prefill-chunk", "3", "--quiet"])

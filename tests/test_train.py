@@ -448,7 +448,7 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM  # saved, and not mistaken for a finished run
     stopped = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] == stopped[-1] and 3 <= stopped[-1] < 16
@@ -464,6 +464,14 @@ def test_training_learns_and_resumes_exactly_after_sigterm(tmp_path):
             assert abs(a[key] - b[key]) <= 1e-5 * abs(a[key]), (a["step"], key, a[key], b[key])
     ckpts = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert ckpts[-1] == 16 and len(ckpts) <= 2  # keep: 2
+
+    # a finished run, run again, trains nothing and says so; fewer steps than its checkpoint's is an error
+    # (overrides may come before and after the flags)
+    for steps, rc, said in ((16, 0, "nothing to train"), (15, 1, "past train.steps=15")):
+        out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(TINY), f"train.steps={steps}",
+                              "--workdir", str(work), "--quiet", *FAST], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == rc and said in out.stdout + out.stderr, out
+    assert len(metrics.read_text().splitlines()) == 16
 
 
 @pytest.mark.slow
@@ -567,7 +575,7 @@ def test_training_on_two_processes_matches_one_device(tmp_path):
     while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert [p.wait(timeout=300) for p in procs] == [128 + signal.SIGTERM] * 2
     stopped = [json.loads(l)["step"] for l in metrics.read_text().splitlines()]
     saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [stopped[-1]] and 2 <= stopped[-1] < 12, (saved, stopped)

@@ -96,8 +96,23 @@ class TrainRunParams:
             item=item, restore_args=args, partial_restore=True))
         return {n.split(".", 1)[1]: np.asarray(a) for n, a in _flatten(got).items()}
 
+    def leaf(self, name: str) -> np.ndarray:
+        return self.read([name])[name]
+
     def all(self) -> dict[str, np.ndarray]:
         return self.read(self.leaves)
+
+    # float32 master weights; not a model layout: a model is loaded from them as from their export
+    # (``load_orbax_params`` quantises them to the release's tensors), so eval.py on a run computes
+    # what the exported checkpoint computes, with the weight QAT training applied
+    layout = "trained"
+
+    def tokenizer(self) -> Path:
+        """The run's ``tokenizer.json`` (``data.tokenizer``, a relative path taken from the current
+        directory; the shipped tiny tokenizer by default)."""
+        from v4jax.tokenizer import TINY_TOKENIZER
+        tok = Path((self.run.get("data") or {}).get("tokenizer") or TINY_TOKENIZER)
+        return tok / "tokenizer.json" if tok.is_dir() else tok
 
 
 def open_train_run(path: str | os.PathLike, step: int | None = None) -> TrainRunParams:

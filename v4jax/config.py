@@ -256,7 +256,7 @@ def _coerce(value, tp, key: str):
 
 def build(cls, data: dict, *, prefix: str = "", ignore: frozenset | set = frozenset()):
     """Build frozen dataclass ``cls`` from a mapping; unknown or missing keys are errors naming them."""
-    _check(isinstance(data, dict), f"{prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    _check(isinstance(data, dict), f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields) - set(ignore))

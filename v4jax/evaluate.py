@@ -27,22 +27,31 @@ from v4jax.generate import Engine, cache_bytes, generate
 def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str = "float",
              attention_impl: str | None = None, moe_impl: str | None = None, seed: int = 0,
              progress: bool = True, mesh=None, kv_cache: str = "auto"):
-    """A model from an HF checkpoint directory, an orbax-form directory (it has ``v4jax.json``), or a
+    """A model from an HF checkpoint directory, an orbax-form directory (it has ``v4jax.json``), a
+    ``train.py`` run (its workdir, ``checkpoints`` directory or one step directory: the newest step), or a
     YAML preset (``config``: random initialisation with ``seed``). Exactly one source must be given.
     ``mesh``: split the weights over this device mesh (``sharding.placer``). ``kv_cache``: the decoding
     cache's format (``Numerics.kv_cache``)."""
     from pathlib import Path
 
-    from v4jax.config import load_model_config
+    from v4jax.config import ConfigError, load_model_config
     from v4jax.hf.checkpoint import load_model
-    from v4jax.hf.convert import is_orbax_dir, load_orbax_model
+    from v4jax.hf.convert import is_orbax_dir, is_train_checkpoint, load_orbax_model
     from v4jax.model.transformer import Transformer
 
     if (checkpoint is None) == (config is None):
         raise ValueError("give exactly one of a checkpoint directory or a config preset")
     if checkpoint is not None:
-        load = load_orbax_model if is_orbax_dir(Path(checkpoint)) else load_model
-        return load(checkpoint, mode=mode, layout=layout, attention_impl=attention_impl, moe_impl=moe_impl,
+        load, source = load_model, checkpoint
+        if is_orbax_dir(Path(checkpoint)):
+            load = load_orbax_model
+        elif is_train_checkpoint(Path(checkpoint)):
+            from v4jax.checkpoint import open_train_run
+            try:
+                load, source = load_orbax_model, open_train_run(checkpoint)
+            except FileNotFoundError as e:
+                raise ConfigError(f"--checkpoint: {e}") from e
+        return load(source, mode=mode, layout=layout, attention_impl=attention_impl, moe_impl=moe_impl,
                     progress=progress, mesh=mesh, kv_cache=kv_cache)
     overrides = [f"model.{k}={v}" for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl))
                  if v is not None]
@@ -57,12 +66,19 @@ def load_any(checkpoint=None, config=None, *, mode: str = "exact", layout: str =
 
 
 def load_tokenizer_for(checkpoint=None, tokenizer=None):
-    """(tokenizers.Tokenizer, path): ``tokenizer`` if given, else the checkpoint's ``tokenizer.json``,
-    else (no checkpoint: a random model) the shipped tiny tokenizer."""
+    """(tokenizers.Tokenizer, path): ``tokenizer`` if given, else the checkpoint's ``tokenizer.json``
+    (a ``train.py`` run's: its ``data.tokenizer``), else (no checkpoint: a random model) the shipped tiny
+    tokenizer."""
     import os
 
+    from v4jax.hf.convert import is_train_checkpoint
     from v4jax.tokenizer import TINY_TOKENIZER, load_tokenizer
 
+    if tokenizer is None and checkpoint is not None and is_train_checkpoint(checkpoint):
+        from v4jax.checkpoint import open_train_run
+        tokenizer = str(open_train_run(checkpoint).tokenizer())
+        if not os.path.isfile(tokenizer):
+            raise FileNotFoundError(f"the run's tokenizer {tokenizer} is not found; pass --tokenizer PATH")
     if tokenizer is None and checkpoint is not None:
         tokenizer = os.path.join(checkpoint, "tokenizer.json")
         if not os.path.isfile(tokenizer):

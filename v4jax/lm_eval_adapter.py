@@ -1,8 +1,8 @@
-"""lm-evaluation-harness model ``v4jax`` (optional extra: ``pip install 'v4jax[lm-eval]'``).
+"""lm-evaluation-harness model ``v4jax`` (optional extra: ``pip install -e '.[lm-eval]'``).
 
-    lm_eval --model v4jax --model_args checkpoint=PATH,mode=production,layout=released,max_length=4096 \\
-        --tasks hellaswag --batch_size 8
-    (in Python: ``import v4jax.lm_eval_adapter`` first, so the name is registered)
+    python -c "import v4jax.lm_eval_adapter, lm_eval.__main__ as m; m.cli_evaluate()" --model v4jax \\
+        --model_args checkpoint=PATH,mode=production,layout=released,max_length=4096 --tasks hellaswag
+    (the import registers the name ``v4jax`` with lm-eval)
 
 Requests (lm-eval's ``Instance``; only ``.args`` is used):
   * ``loglikelihood``          ``(context, continuation)`` -> ``(Σ log p(continuation | context), greedy?)``

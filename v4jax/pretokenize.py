@@ -107,8 +107,9 @@ def main(argv=None):
                          tokenizer=args.tokenizer, bos_id=args.bos_id, eos_id=args.eos_id, add_bos=args.add_bos)
         shards = pretokenize(cfg, args.out, shard_tokens=args.shard_tokens, force=args.force,
                              progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # named by the flags, not by DataConfig's fields
+        raise SystemExit("error: " + str(e).replace("DataConfig.paths", "PATHS").replace(
+            "DataConfig.text_field", "--text-field").replace("DataConfig.tokenizer", "--tokenizer"))
     tokens = sum(np.load(s, mmap_mode="r").size for s in shards)
     print(f"wrote {len(shards)} shard(s), {tokens} tokens, to {args.out} ({time.time() - t0:.1f}s); "
           f"train with data.source=tokens data.paths=[{args.out}/*.npy]")

@@ -61,6 +61,14 @@ def _peak_flops(tcfg) -> float | None:
     return None
 
 
+class TrainingStopped(Exception):
+    """Training stopped early by a signal, after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signum: int, metrics: list[dict]):
+        super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step}; checkpoint saved")
+        self.step, self.signum, self.metrics = step, signum, metrics
+
+
 class _Stop:
     """SIGTERM / SIGINT -> finish the current step, save, exit. With several processes, JAX's preemption
     notifier keeps SIGTERM and the processes agree on a step at which all of them save and stop
@@ -68,12 +76,13 @@ class _Stop:
 
     def __init__(self):
         self.requested = False
+        self.signum = signal.SIGTERM  # with several processes only SIGTERM stops a run
         self.several = jax.process_count() > 1
         signals = () if self.several else (signal.SIGTERM, signal.SIGINT)
         self._old = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def now(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (every process gets the same answer)."""
@@ -239,7 +248,8 @@ def _initial_model(cfg: Config, mesh, *, from_checkpoint: bool, progress: bool) 
 
 
 def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> list[dict]:
-    """Run (or resume) training; returns the metrics logged by this invocation."""
+    """Run (or resume) training; returns the metrics logged by this invocation. A run stopped by
+    SIGTERM / SIGINT saves a checkpoint and raises ``TrainingStopped``."""
     maybe_initialize_distributed()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -254,6 +264,14 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
 
     ckpt = TrainCheckpointer(workdir / "checkpoints", cfg.checkpoint)
     start = ckpt.latest_step()
+    if start is not None and start >= tcfg.steps:
+        ckpt.close()
+        if start > tcfg.steps:
+            raise ConfigError(f"{workdir}: the newest checkpoint is at step {start}, past train.steps="
+                              f"{tcfg.steps} (raise train.steps to go on, or use another workdir)")
+        if is_main:
+            print(f"{workdir} is already at train.steps={start}: nothing to train (raise train.steps to go on)")
+        return []
 
     metrics_path = workdir / "metrics.jsonl"
     try:
@@ -348,8 +366,6 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
             if step % cfg.checkpoint.every == 0 or last:
                 ckpt.save(step, state, data_iter, cfg.to_dict(), wait=last)
             if stopping:
-                if is_main:
-                    print(f"stopped by signal at step {step}; checkpoint saved")
                 break
     finally:
         bar.close()
@@ -357,4 +373,6 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
         ckpt.close()
         if writer is not None:
             writer.close()
+    if step < tcfg.steps:
+        raise TrainingStopped(step, stop.signum, logged)
     return logged

@@ -628,9 +628,7 @@ def orbax_to_hf(src, out_dir, *, shard_size: int | str = "5GB", force: bool = Fa
             raise ConversionError(f"{src}: cannot read the training checkpoint ({e})") from e
         cfg, leaves, read_leaves, step = r.cfg, r.leaves, r.read, r.step
         check_leaves(cfg, leaves, "float", "float32", where=f"{src} (step {step})")
-        from v4jax.tokenizer import TINY_TOKENIZER
-        tok = Path((r.run.get("data") or {}).get("tokenizer") or TINY_TOKENIZER)
-        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        tok = r.tokenizer()
         if not tok.is_file():
             print(f"note: the run's tokenizer {tok} is not found (a path relative to where it was trained?): "
                   f"the export gets no tokenizer.json")
@@ -698,16 +696,19 @@ class _ReleaseView:
         return self._cache[leaf][name]
 
 
-def load_orbax_model(path, *, mode: str = "exact", layout: str = "float", dtype=jnp.float32,
+def load_orbax_model(source, *, mode: str = "exact", layout: str = "float", dtype=jnp.float32,
                      attention_impl: str | None = None, moe_impl: str | None = None, progress: bool = True,
                      mesh=None, kv_cache: str = "auto"):
-    """A ``Transformer`` from an orbax-form directory, in the requested ``layout`` (split over ``mesh``
-    if given, as ``load_model`` does); see ``load_orbax_params``."""
+    """A ``Transformer`` from an orbax-form directory (``source``: its path, or opened by ``open_orbax``)
+    or an opened ``train.py`` checkpoint (``checkpoint.open_train_run``), in the requested ``layout``
+    (split over ``mesh`` if given, as ``load_model`` does); see ``load_orbax_params``."""
+    import dataclasses
+
     from v4jax.model.layers import WeightLayout
     from v4jax.model.transformer import Transformer
-    op = open_orbax(path)
+    op = source if hasattr(source, "leaves") else open_orbax(source)
     overrides = {k: v for k, v in (("attention_impl", attention_impl), ("moe_impl", moe_impl)) if v is not None}
-    cfg = from_hf_config(op.path, **overrides) if overrides else op.cfg
+    cfg = dataclasses.replace(op.cfg, **overrides)
     if layout not in ("float", "released"):
         raise ValueError(f"layout must be 'float' or 'released', got {layout!r}")
     wl = WeightLayout.float(dtype) if layout == "float" else WeightLayout.released(cfg)
