@@ -8,7 +8,7 @@
   needle      pass-key retrieval accuracy over context lengths x needle depths
   qat-ties    explain a qat disagreement with another implementation's logits by rounding near-ties
 
---checkpoint accepts an HF checkpoint directory or an orbax-form one (with v4jax.json).
+--checkpoint accepts an HF checkpoint directory, an orbax-form one (with v4jax.json) or a train.py run.
 
 Run ``python eval.py SUBCOMMAND --help`` for the flags of each.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 
 def _load_model(args):
-    """The model named by --checkpoint (HF or orbax form) or --config (random init from a YAML preset)."""
+    """The model named by --checkpoint (HF, orbax form, train.py run) or --config (random init from a YAML preset)."""
     from v4jax.evaluate import load_any
 
     if (args.checkpoint is None) == (args.config is None):
@@ -478,7 +478,7 @@ def _impl_flags(p, layout_default="float"):
 
 def _model_flags(p, *, layout_default="float"):
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
+    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors), orbax form or a train.py run")
     src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
     p.add_argument("--mode", choices=["exact", "qat", "production"], default="exact", help="numerics (SPEC §5)")
     _impl_flags(p, layout_default)
@@ -555,7 +555,7 @@ def _add_commands(sub):
                        "--delta of an FP8 / FP4 rounding midpoint the other way (two float32 implementations "
                        "round such values differently), until every position agrees within --tol. Fails "
                        "(exit 1) when a disagreement has no such value: then it is not a rounding near-tie.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory: HF or orbax form")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory: HF, orbax form or a train.py run")
     p.add_argument("--reference", required=True,
                    help=".npz with tokens, prefill_logits and mtp_logits, as eval.py logits --mode qat writes them")
     _impl_flags(p)
@@ -575,7 +575,7 @@ def main(argv=None):
 
     p = sub.add_parser("logits", help="dump prefill / decode / MTP logits to an .npz")
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors) or orbax form")
+    src.add_argument("--checkpoint", help="checkpoint directory: HF (config.json + safetensors), orbax form or a train.py run")
     src.add_argument("--config", help="YAML preset: random-initialised model (e.g. configs/tiny.yaml)")
     p.add_argument("--tokens", help="int .npy [B, T], T >= N+M (and >= N+1 with an MTP block); default: random "
                                     "tokens (--batch, --seed)")

@@ -64,9 +64,9 @@ def _peak_flops(tcfg) -> float | None:
 class TrainingStopped(Exception):
     """Training stopped early by a signal, after saving a checkpoint at ``step``."""
 
-    def __init__(self, step: int, signum: int, metrics: list[dict]):
+    def __init__(self, step: int, signum: int):
         super().__init__(f"stopped by signal {signal.Signals(signum).name} at step {step}; checkpoint saved")
-        self.step, self.signum, self.metrics = step, signum, metrics
+        self.step, self.signum = step, signum
 
 
 class _Stop:
@@ -374,5 +374,5 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
         if writer is not None:
             writer.close()
     if step < tcfg.steps:
-        raise TrainingStopped(step, stop.signum, logged)
+        raise TrainingStopped(step, stop.signum)
     return logged
