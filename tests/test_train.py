@@ -582,10 +582,11 @@ def test_training_on_two_processes_matches_one_device(tmp_path):
 
     processes = _train(work, *exact)
     assert [m["step"] for m in processes] == list(range(1, 13))
-    # max_expert_load counts routing decisions: one token whose top-k is a near-tie, decided differently
-    # by the two programs' float32 order, moves it by 1/64 (seen once, at step 11); the losses barely move
+    # The two programs sum in different float32 orders, so a token whose top-k is a near-tie can be routed
+    # differently: that moves max_expert_load by 1/64 (seen at step 11) and, since the token's gradient
+    # then reaches another expert, grad_norm by up to 0.2% (seen at step 12 on CI); the losses barely move
     for a, b in zip(one, processes):
-        for key, rtol, atol in (("loss", 1e-3, 0), ("mtp_ce", 1e-3, 0), ("grad_norm", 1e-3, 0),
+        for key, rtol, atol in (("loss", 1e-3, 0), ("mtp_ce", 1e-3, 0), ("grad_norm", 1e-2, 0),
                                 ("max_expert_load", 0, 0.05)):
             assert abs(a[key] - b[key]) <= rtol * abs(a[key]) + atol, (a["step"], key, a[key], b[key])
 
