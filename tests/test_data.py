@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import chex
 import numpy as np
@@ -86,6 +87,28 @@ def word_tokenizer(tmp_path):
 
 def test_special_ids_from_tokenizer_config(word_tokenizer):
     assert special_ids(load_tokenizer(word_tokenizer), word_tokenizer) == (3, 4)
+    config = os.path.join(os.path.dirname(word_tokenizer), "tokenizer_config.json")
+    with open(config, "w") as f:
+        f.write('{"eos_token": "</s>",}')
+    with pytest.raises(ValueError, match=r"tokenizer_config.json' is not a valid JSON file"):
+        special_ids(load_tokenizer(word_tokenizer), word_tokenizer)
+
+
+def test_truncation_and_padding_saved_in_the_tokenizer_are_ignored(tmp_path):
+    """A tokenizer.json saved with truncation / padding on must not cut or pad documents."""
+    text = "def f(x):\n    return x + 1\n" * 20
+    full = tokenizers.Tokenizer.from_file(TINY_TOKENIZER).encode(text, add_special_tokens=False).ids
+    tok = tokenizers.Tokenizer.from_file(TINY_TOKENIZER)
+    tok.enable_truncation(8)
+    tok.enable_padding(length=4096, pad_id=0)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text(text)
+    assert load_tokenizer(str(tmp_path)).encode(text, add_special_tokens=False).ids == full
+    cfg = data.DataConfig(source="text", paths=(str(tmp_path / "a.txt"),), tokenizer=str(tmp_path),
+                          seq_len=4, global_batch=1, shuffle=False, num_epochs=1)
+    windows = [b["tokens"][0] for b in data.make_iterator(cfg)]
+    assert len(windows) == len(full) // 4  # len(full) + 1 tokens with eos
+    np.testing.assert_array_equal(unpack(windows, 4), (full + [1])[: len(windows) * 4 + 1])
 
 
 # ------------------------------------------------------------------------------ sources + packing
@@ -134,6 +157,31 @@ def test_jsonl_text_field_and_bos(tmp_path, word_tokenizer):
     (b,) = list(data.make_iterator(cfg))
     #                        <s> hello world </s> <s> world </s> <s> again hello </s>
     np.testing.assert_array_equal(b["tokens"], [[3, 1, 2, 4, 3, 2, 4, 3, 5, 1, 4]])
+
+
+def test_text_files_are_read_as_they_are(tmp_path):
+    """Line endings are kept (\\r\\n is not turned into \\n); a file named with glob characters is a file."""
+    raw = "a\r\nb\rc\n  x = 1\r\n".encode() * 5
+    (tmp_path / "data[1].txt").write_bytes(raw)
+    assert data.expand_paths((str(tmp_path / "data[1].txt"),)) == [str(tmp_path / "data[1].txt")]
+    assert data.read_text(str(tmp_path / "data[1].txt")) == raw.decode()
+    stream = tokenizers.Tokenizer.from_file(TINY_TOKENIZER).encode(raw.decode(), add_special_tokens=False).ids + [1]
+    cfg = data.DataConfig(source="text", paths=(str(tmp_path / "data[1].txt"),), seq_len=3, global_batch=1,
+                          shuffle=False, num_epochs=1)
+    windows = [b["tokens"][0] for b in data.make_iterator(cfg)]
+    np.testing.assert_array_equal(unpack(windows, 3), stream[: len(windows) * 3 + 1])
+
+
+def test_text_batches_bound_a_tokenizer_call(monkeypatch):
+    monkeypatch.setattr(data, "BATCH_DOCS", 3)
+    monkeypatch.setattr(data, "BATCH_BYTES", 10)
+    texts = ["aaaa", "bbbbbb", "c", "dd", "e" * 12, "f", "g", "h", "éé", "i"]
+    assert list(data.text_batches(iter(texts))) == [
+        (["aaaa", "bbbbbb"], 10),  # 10 bytes
+        (["c", "dd", "e" * 12], 15),  # a long document ends its batch
+        (["f", "g", "h"], 3),  # 3 documents
+        (["éé", "i"], 5),  # é is 2 bytes
+    ]
 
 
 def test_npy_tokens_concatenated_in_order(npy_docs):
@@ -281,6 +329,9 @@ def test_config_needs_paths_for_file_sources():
     with pytest.raises(ValueError, match=r"DataConfig\.paths=\(\)"):
         data.DataConfig(source="jsonl")
     assert data.DataConfig(source="text", paths=["a.txt"]).paths == ("a.txt",)  # YAML lists
+    cfg = data.DataConfig(source="text", paths=Path("a.txt"), tokenizer=Path("t/tokenizer.json"))
+    assert cfg.paths == ("a.txt",) and cfg.tokenizer == "t/tokenizer.json"
+    assert data.DataConfig(source="text", paths=[Path("a.txt"), "b.txt"]).paths == ("a.txt", "b.txt")
 
 
 def test_clear_errors_for_bad_inputs(tmp_path, npy_docs):
@@ -311,11 +362,24 @@ def test_clear_errors_for_bad_inputs(tmp_path, npy_docs):
     )
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     fails(ValueError, "not UTF-8", source="text", paths=(str(tmp_path / "latin1.txt"),))
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    fails(ValueError, r"latin1.jsonl:2: not UTF-8", source="jsonl", paths=(str(tmp_path / "latin1.jsonl"),))
+    (tmp_path / "surrogate.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 half"}\n')
+    fails(ValueError, r"surrogate.jsonl:2: field 'text' is not valid Unicode text \(surrogates not allowed",
+          source="jsonl", paths=(str(tmp_path / "surrogate.jsonl"),))
     np.save(tmp_path / "matrix.npy", np.zeros((4, 4), np.int32))
     fails(ValueError, r"1-D integer array", source="tokens", paths=(str(tmp_path / "matrix.npy"),))
     np.save(tmp_path / "floats.npy", np.zeros(40, np.float32))
     fails(ValueError, r"1-D integer array", source="tokens", paths=(str(tmp_path / "floats.npy"),))
     fails(ValueError, "not a .npy array file", source="tokens", paths=(str(tmp_path / "short.txt"),))
+    np.savez(tmp_path / "archive.npz", tokens=np.arange(40))
+    fails(ValueError, r"archive.npz: not a .npy array file \(a NpzFile\)", source="tokens",
+          paths=(str(tmp_path / "archive.npz"),))
+    np.save(tmp_path / "shard.npy", np.arange(40))
+    with open(tmp_path / "shard.doc_lengths", "wb") as f:
+        np.save(f, np.array([15, 25]))
+    fails(ValueError, r"shard.doc_lengths: the document lengths of a token shard", source="tokens",
+          paths=(str(tmp_path / "shard*"),))
     fails(
         ValueError,
         "cannot fill one global_batch=64",
@@ -328,3 +392,15 @@ def test_clear_errors_for_bad_inputs(tmp_path, npy_docs):
         data.make_iterator(npy_cfg(glob, global_batch=3), process_index=0, process_count=2)
     with pytest.raises(ValueError, match="process_index=2"):
         data.make_iterator(npy_cfg(glob), process_index=2, process_count=2)
+
+
+@pytest.mark.parametrize("bad", [-100, 2**31, 2**40 + 5])
+def test_token_ids_outside_int32_are_an_error(tmp_path, bad):
+    """Ids that int32 cannot hold (or negative ones, e.g. -100 labels) are not wrapped silently."""
+    tokens = np.arange(30, dtype=np.int64)
+    tokens[17] = bad
+    np.save(tmp_path / "t.npy", tokens)
+    it = data.make_iterator(npy_cfg(str(tmp_path / "t.npy"), global_batch=1, shuffle=False, prefetch=2))
+    take(it, 3)  # windows 0-2 hold tokens 0..15
+    with pytest.raises(ValueError, match=rf"t.npy: token id {bad} at index 17 is not in \[0, 2\^31 - 1\]"):
+        take(it, 1)

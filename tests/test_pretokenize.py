@@ -40,6 +40,27 @@ def test_shards_give_the_batches_of_the_text_source(tmp_path, corpus, shuffle):
     chex.assert_trees_all_equal(_batches(tokens, n), _batches(source, n))
 
 
+def test_tokenizer_calls_bounded_by_bytes_change_nothing(tmp_path, corpus, monkeypatch):
+    """Documents go to the tokenizer in runs of at most ~BATCH_BYTES (long documents alone): same shards."""
+    common = dict(seq_len=16, global_batch=3, seed=7, num_epochs=1)
+    source = data.DataConfig(source="jsonl", paths=(corpus,), **common)
+    (whole,) = pretokenize(source, tmp_path / "whole", progress=False)
+    calls = []
+    encoder = data.document_encoder
+
+    def spy(cfg):
+        encode = encoder(cfg)
+        return lambda texts: calls.append([len(t.encode()) for t in texts]) or encode(texts)
+
+    monkeypatch.setattr(data, "BATCH_BYTES", 100)
+    monkeypatch.setattr("v4jax.pretokenize.document_encoder", spy)
+    (small,) = pretokenize(source, tmp_path / "small", progress=False)
+    assert sum(map(len, calls)) == 120 and len(calls) > 10  # documents are ~0-300 bytes
+    assert all(sum(sizes[:-1]) < 100 for sizes in calls)  # a call ends with the document reaching 100 bytes
+    for suffix in (".npy", data.DOC_LENGTHS):
+        np.testing.assert_array_equal(np.load(str(whole)[:-4] + suffix), np.load(str(small)[:-4] + suffix))
+
+
 def test_text_format_one_document_per_file(tmp_path):
     texts = ["def f(x):\n    return x\n", "", "Hello, world! " * 30]
     for i, t in enumerate(texts):
@@ -65,6 +86,12 @@ def test_cli_and_its_errors(tmp_path, corpus, capsys):
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: no field 'text'"):
         main([str(tmp_path / "bad.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "bad"), "--quiet"])
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.partial-*"))  # nothing half-written
+    (tmp_path / "bad2.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "bad \\ud800 half"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(SystemExit, match=r"bad2.jsonl:2: field 'text' is not valid Unicode text"):
+        main([str(tmp_path / "bad2.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "bad2"), "--quiet"])
+    (tmp_path / "bad2.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(SystemExit, match=r"bad2.jsonl:2: not UTF-8 text"):
+        main([str(tmp_path / "bad2.jsonl"), "--format", "jsonl", "--out", str(tmp_path / "bad2"), "--quiet"])
     with pytest.raises(SystemExit, match="matches no files"):
         main([str(tmp_path / "*.md"), "--format", "text", "--out", str(tmp_path / "x"), "--quiet"])
     # a doc_lengths file that does not add up to its shard is rejected by the tokens source

@@ -28,6 +28,7 @@ import sysconfig
 import grain
 import numpy as np
 from grain.experimental import index_shuffle
+from tqdm.auto import tqdm
 
 from v4jax.tokenizer import load_tokenizer, special_ids
 
@@ -52,7 +53,8 @@ class DataConfig:
     source:       "stdlib" (embedded default: this interpreter's stdlib *.py files),
                   "text" (one document per file), "jsonl" (one document per line, the
                   string field `text_field`), "tokens" (1-D integer .npy files: one document
-                  each, or several listed by a SHARD.doc_lengths beside, see v4jax.pretokenize).
+                  each, or several listed by a SHARD.doc_lengths beside, see v4jax.pretokenize;
+                  ids must lie in [0, 2^31), checked as windows are read).
     paths:        files or globs (`**` allowed), read in the given order, globs sorted.
     tokenizer:    tokenizer.json (or a directory holding one); None = the shipped tiny one.
     bos_id, eos_id: None = read from the tokenizer (tokenizer_config.json beside it, or
@@ -82,8 +84,11 @@ class DataConfig:
     prefetch: int = 2
 
     def __post_init__(self):
-        paths = (self.paths,) if isinstance(self.paths, str) else tuple(self.paths)
-        object.__setattr__(self, "paths", paths)  # YAML gives lists
+        paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else tuple(self.paths)
+        paths = tuple(os.fspath(p) if isinstance(p, os.PathLike) else p for p in paths)
+        object.__setattr__(self, "paths", paths)  # YAML gives lists; Python pathlib.Paths
+        if isinstance(self.tokenizer, os.PathLike):
+            object.__setattr__(self, "tokenizer", os.fspath(self.tokenizer))
 
         def check(ok, name, expected):
             if not ok:
@@ -166,7 +171,7 @@ def expand_paths(paths: tuple[str, ...]) -> list[str]:
     files = []
     for p in paths:
         p = os.path.expanduser(p)
-        if any(c in p for c in "*?["):
+        if any(c in p for c in "*?[") and not os.path.isfile(p):  # data[1].txt is a file, not a glob
             matches = [m for m in sorted(glob.glob(p, recursive=True)) if os.path.isfile(m)]
             if not matches:
                 raise FileNotFoundError(f"DataConfig.paths: glob {p!r} matches no files")
@@ -180,8 +185,9 @@ def expand_paths(paths: tuple[str, ...]) -> list[str]:
 
 
 def read_text(path: str) -> str:
+    """The UTF-8 text of a file as it is (line endings kept: \\r\\n is not turned into \\n)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
@@ -193,8 +199,12 @@ def read_jsonl(path: str, field: str) -> list[str]:
 
 def iter_jsonl(path: str, field: str):
     """The string field ``field`` of each non-empty line of a JSONL file, in order."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e})") from e
             if not line.strip():
                 continue
             try:
@@ -208,6 +218,11 @@ def iter_jsonl(path: str, field: str):
                 raise ValueError(
                     f"{path}:{lineno}: field {field!r} is {type(record[field]).__name__}, expected str"
                 )
+            try:
+                record[field].encode("utf-8")
+            except UnicodeEncodeError as e:  # a JSON escape such as \ud800 gives a lone surrogate
+                raise ValueError(f"{path}:{lineno}: field {field!r} is not valid Unicode text ({e.reason}: "
+                                 f"{e.object[e.start:e.end]!r} at character {e.start})") from e
             yield record[field]
 
 
@@ -219,9 +234,17 @@ class _Corpus:
     array: np.ndarray  # [D] int
     start: np.ndarray  # [D] int64
     length: np.ndarray  # [D] int64
+    names: tuple[str, ...] = ()  # the file of each array, where its ids are to be checked (.npy files)
 
     def doc(self, i: int) -> np.ndarray:
         return self.arrays[self.array[i]][self.start[i] : self.start[i] + self.length[i]]
+
+    def check_ids(self, i: int, offset: int, ids: np.ndarray):
+        """ValueError unless ids = doc(i)[offset : ...] are valid int32 token ids (0 <= id < 2^31)."""
+        if self.names and ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+            bad = int(np.flatnonzero((ids < 0) | (ids > np.iinfo(np.int32).max))[0])
+            raise ValueError(f"{self.names[self.array[i]]}: token id {ids[bad]} at index "
+                             f"{self.start[i] + offset + bad} is not in [0, 2^31 - 1]")
 
 
 def document_encoder(cfg: DataConfig):
@@ -244,10 +267,34 @@ def document_encoder(cfg: DataConfig):
     return encode
 
 
-def _tokenize(texts: list[str], cfg: DataConfig) -> _Corpus:
-    """Tokenises documents into one flat int32 array (``document_encoder``)."""
+BATCH_DOCS, BATCH_BYTES = 1024, 1 << 22  # per tokenizer call (its Encodings take ~200 bytes a token)
+
+
+def text_batches(texts):
+    """``(documents, their UTF-8 bytes)``: consecutive runs of ``texts`` of BATCH_DOCS documents or about
+    BATCH_BYTES bytes (a longer document alone), so that a tokenizer call's memory is bounded."""
+    batch, size = [], 0
+    for t in texts:
+        batch.append(t)
+        size += len(t.encode("utf-8"))
+        if len(batch) == BATCH_DOCS or size >= BATCH_BYTES:
+            yield batch, size
+            batch, size = [], 0
+    if batch:
+        yield batch, size
+
+
+def _tokenize(texts, cfg: DataConfig, total_bytes: int | None = None, progress: bool = False) -> _Corpus:
+    """Tokenises documents (an iterable, read as it is consumed) into one flat int32 array
+    (``document_encoder``); a progress bar over ``total_bytes`` (the files' sizes) with ``progress``."""
     encode = document_encoder(cfg)
-    pieces = [p for i in range(0, len(texts), 1024) for p in encode(texts[i : i + 1024])]
+    pieces = []
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", delay=2,
+              disable=not progress) as bar:
+        for batch, size in text_batches(texts):
+            pieces += encode(batch)
+            bar.update(size)
+        bar.update(max(0, (total_bytes or 0) - bar.n))  # JSONL: the texts are shorter than their lines
     length = np.array([len(p) for p in pieces], np.int64)
     start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
@@ -262,10 +309,15 @@ def _load_tokens(files: list[str]) -> _Corpus:
     ``SHARD.doc_lengths`` file beside ``SHARD.npy`` lists (as ``python -m v4jax.pretokenize`` writes)."""
     arrays, array, start, length = [], [], [], []
     for i, f in enumerate(files):
+        if f.endswith(DOC_LENGTHS):
+            raise ValueError(f"{f}: the document lengths of a token shard, not tokens; list the shards "
+                             f"only (DIR/*.npy)")
         try:
             a = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise ValueError(f"{f}: not a .npy array file ({e})") from e
+        if not isinstance(a, np.ndarray):  # an .npz archive
+            raise ValueError(f"{f}: not a .npy array file (a {type(a).__name__}); save one array per .npy")
         if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"{f}: expected a 1-D integer array of token ids, found {a.dtype} {a.shape}")
         lengths_file = os.path.splitext(f)[0] + DOC_LENGTHS
@@ -283,19 +335,20 @@ def _load_tokens(files: list[str]) -> _Corpus:
         array.append(np.full(n.size, i))
         start.append(np.cumsum(n) - n)
         length.append(n)
-    return _Corpus(arrays, *(np.concatenate(x).astype(np.int64) for x in (array, start, length)))
+    return _Corpus(arrays, *(np.concatenate(x).astype(np.int64) for x in (array, start, length)), tuple(files))
 
 
-def _load_corpus(cfg: DataConfig) -> tuple[_Corpus, str]:
+def _load_corpus(cfg: DataConfig, progress: bool = False) -> tuple[_Corpus, str]:
     if cfg.source == "stdlib":
         return _tokenize(stdlib_texts(cfg.max_bytes), cfg), f"stdlib (max_bytes={cfg.max_bytes})"
     files = expand_paths(cfg.paths)
     desc = f"source={cfg.source!r} paths={list(cfg.paths)}"
     if cfg.source == "tokens":
         return _load_tokens(files), desc
+    total = sum(os.path.getsize(f) for f in files)
     if cfg.source == "text":
-        return _tokenize([read_text(f) for f in files], cfg), desc
-    return _tokenize([t for f in files for t in read_jsonl(f, cfg.text_field)], cfg), desc
+        return _tokenize((read_text(f) for f in files), cfg, total, progress), desc
+    return _tokenize((t for f in files for t in iter_jsonl(f, cfg.text_field)), cfg, total, progress), desc
 
 
 # ------------------------------------------------------------------------------- packing
@@ -328,16 +381,21 @@ class _Packer:
         if self.cfg.shuffle:
             j = index_shuffle(j, max_index=self.windows_per_epoch - 1, seed=window_seed, rounds=4)
         size = self.cfg.seq_len + 1
-        out = np.empty(size, np.int32)
-        pos, filled = j * self.cfg.seq_len, 0
+        checked = bool(self.corpus.names)  # .npy ids: read as int64, checked to fit int32
+        out = np.empty(size, np.int64 if checked else np.int32)
+        pos, filled, pieces = j * self.cfg.seq_len, 0, []
         d = int(np.searchsorted(ends, pos, side="right"))  # first document ending after pos
         while filled < size:
             doc = self.corpus.doc(order[d])
             offset = pos - (ends[d] - len(doc))
             take = min(size - filled, len(doc) - offset)
             out[filled : filled + take] = doc[offset : offset + take]
+            pieces.append((order[d], offset, doc[offset : offset + take]))
             filled, pos, d = filled + take, pos + take, d + 1
-        return out
+        if checked and (out.min() < 0 or out.max() > np.iinfo(np.int32).max):
+            for piece in pieces:
+                self.corpus.check_ids(*piece)
+        return out.astype(np.int32, copy=False)
 
     def batch(self, b: int) -> dict[str, np.ndarray]:
         """Batch b of this process: {"tokens": [B_local, seq_len + 1] int32}."""
@@ -349,7 +407,8 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
     """Random-access batches of this process: `ds[b]` = {"tokens": [B_local, seq_len + 1] int32}.
 
     len(ds) is the number of whole global batches in num_epochs epochs (sys.maxsize when
-    repeating forever). Reads and tokenises the source once, here.
+    repeating forever). Reads and tokenises the source once, here (with a progress bar on process 0
+    when that takes over 2 s).
     """
     if not 0 <= process_index < process_count:
         raise ValueError(
@@ -359,7 +418,7 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
         raise ValueError(
             f"DataConfig.global_batch={cfg.global_batch} is not divisible by process_count={process_count}"
         )
-    corpus, desc = _load_corpus(cfg)
+    corpus, desc = _load_corpus(cfg, progress=process_index == 0)
     total = int(corpus.length.sum())
     if total < cfg.seq_len + 1:
         raise ValueError(

@@ -7,9 +7,9 @@ shards make that a memory map. ``DIR/tokens-NNNNN.npy`` holds the int32 tokens o
 (``[bos] + ids + [eos]``, exactly as the text sources encode them, ``data.document_encoder``) and
 ``DIR/tokens-NNNNN.doc_lengths`` their lengths, so ``data.source=tokens data.paths=[DIR/*.npy]`` gives
 the same documents in the same order, and with the same ``seq_len`` / ``seed`` / ``global_batch`` the
-same batches as the text source. Input is read in a stream (one document batch at a time); a shard is
-written when it holds ``--shard-tokens`` tokens. The output appears only when complete (it is written
-beside ``--out`` and renamed).
+same batches as the text source. Input is read in a stream (a tokenizer call takes at most 1024
+documents or about 4 MiB of text); a shard is written when it holds ``--shard-tokens`` tokens. The
+output appears only when complete (it is written beside ``--out`` and renamed).
 """
 from __future__ import annotations
 
@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from v4jax.data import DOC_LENGTHS, DataConfig, document_encoder, expand_paths, iter_jsonl, read_text
-
-BATCH_DOCS = 1024  # documents per tokenizer call
+from v4jax.data import (DOC_LENGTHS, DataConfig, document_encoder, expand_paths, iter_jsonl, read_text,
+                         text_batches)
 
 
 def pretokenize(cfg: DataConfig, out_dir, *, shard_tokens: int = 1 << 28, force: bool = False,
@@ -64,16 +63,11 @@ def pretokenize(cfg: DataConfig, out_dir, *, shard_tokens: int = 1 << 28, force:
 
         for f in files:
             docs = [read_text(f)] if cfg.source == "text" else iter_jsonl(f, cfg.text_field)
-            batch, seen = [], 0
-            for text in docs:
-                batch.append(text)
-                if len(batch) == BATCH_DOCS:
-                    add(batch)
-                    done = sum(len(t.encode("utf-8")) for t in batch)  # <= their JSON lines' bytes
-                    bar.update(done)
-                    seen += done
-                    batch = []
-            add(batch)
+            seen = 0
+            for batch, size in text_batches(docs):
+                add(batch)
+                bar.update(size)  # <= their JSON lines' bytes
+                seen += size
             bar.update(os.path.getsize(f) - seen)
         if pieces:
             flush()

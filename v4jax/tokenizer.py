@@ -20,7 +20,10 @@ EOS_TOKENS = ("<｜end▁of▁sentence｜>", "<|end▁of▁sentence|>")
 
 
 def load_tokenizer(path: str | None = None) -> tokenizers.Tokenizer:
-    """Loads a `tokenizer.json` (default: the shipped tiny tokenizer); clear error if unusable."""
+    """Loads a `tokenizer.json` (default: the shipped tiny tokenizer); clear error if unusable.
+
+    Truncation and padding saved in the file are switched off: a document encodes to all its tokens.
+    """
     path = TINY_TOKENIZER if path is None else os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
@@ -32,6 +35,8 @@ def load_tokenizer(path: str | None = None) -> tokenizers.Tokenizer:
         raise ValueError(f"tokenizer: cannot load {path!r} as a HF tokenizers JSON file: {e}") from e
     if tok.get_vocab_size(with_added_tokens=True) == 0:
         raise ValueError(f"tokenizer: {path!r} has an empty vocabulary")
+    tok.no_truncation()
+    tok.no_padding()
     return tok
 
 
@@ -40,8 +45,14 @@ def _config_token(tokenizer_path: str, key: str) -> str | None:
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(tokenizer_path)), "tokenizer_config.json")
     if not os.path.isfile(cfg_path):
         return None
-    with open(cfg_path, encoding="utf-8") as f:
-        value = json.load(f).get(key)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except ValueError as e:  # bad JSON or UTF-8
+        raise ValueError(f"tokenizer: {cfg_path!r} is not a valid JSON file: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"tokenizer: {cfg_path!r} holds a {type(config).__name__}, expected a JSON object")
+    value = config.get(key)
     if isinstance(value, dict):  # HF AddedToken serialisation: {"content": "...", ...}
         value = value.get("content")
     return value if isinstance(value, str) else None
