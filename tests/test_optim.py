@@ -331,6 +331,67 @@ def test_one_step_reduces_quadratic_loss():
     assert loss(new) < loss(params) - 1e-3, (loss(new), loss(params))
 
 
+def test_chain_matches_a_numpy_reference_over_steps():
+    """The whole chain, four steps through warmup into the cosine, against a float64 numpy rendering
+    of the rules written from the Muon / AdamW descriptions (not from optim.py): clip by the global
+    norm of the trainable gradients; Muon: m = mu m + g, d = g + mu m, NS per matrix of a stack,
+    * rho sqrt(max(out, in)), W -= lr_muon(t) (u + wd W); AdamW with bias correction, decay on 2-D
+    leaves only; the gate bias untouched."""
+    rng = np.random.default_rng(0)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)
+    params = {"embed": {"weight": r(11, 6)}, "norm": {"weight": r(6)},
+              "layers": [{"attn": {"wq_a": {"weight": r(4, 6)}, "attn_sink": r(2), "wo_a": {"weight": r(2, 3, 5)}},
+                          "hc_attn_fn": r(8, 12), "hc_attn_base": r(8),
+                          "ffn": {"gate": {"weight": r(3, 6), "bias": r(3)},
+                                  "experts": {"w1": {"weight": r(3, 7, 6)}}}} for _ in range(2)]}
+    cfg = OptimizerConfig(lr=0.05, muon_lr=0.03, warmup_steps=2, total_steps=6, weight_decay=0.1, clip_norm=1.0)
+    muon_names = {"attn.wq_a.weight", "attn.wo_a.weight", "ffn.gate.weight", "ffn.experts.w1.weight"}
+
+    def lr_at(t, peak):
+        p = min(max((t - 2) / 4, 0.0), 1.0)
+        return peak * t / 2 if t < 2 else peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    def ns(x):  # one matrix; a tall one is worked on as its transpose
+        if x.shape[0] > x.shape[1]:
+            return ns(x.T).T
+        y = x / (np.linalg.norm(x) + 1e-7)
+        for a, b, c in HYBRID:
+            gram = y @ y.T
+            y = a * y + (b * gram + c * gram @ gram) @ y
+        return y
+
+    def ortho(d):  # each matrix of a stack on its own
+        return np.stack([ns(m) for m in d.reshape(-1, *d.shape[-2:])]).reshape(d.shape)
+
+    ref = flatten(jax.tree.map(lambda x: np.asarray(x, np.float64), params))
+    state = {k: np.zeros_like(v) for k, v in ref.items()}
+    m1, m2 = dict(state), dict(state)
+    opt = optim.build_optimizer(cfg, params)
+    opt_state, cur, update = opt.init(params), params, jax.jit(opt.update)
+    for t in range(4):
+        grads = jax.tree.map(lambda p: r(*p.shape), params)
+        g = flatten(jax.tree.map(lambda x: np.asarray(x, np.float64), grads))
+        s = min(1.0, 1.0 / math.sqrt(sum((v ** 2).sum() for k, v in g.items() if not k.endswith("gate.bias"))))
+        for k, w in ref.items():
+            if k.endswith("gate.bias"):
+                continue
+            gk = g[k] * s
+            if k.split(".", 2)[-1] in muon_names:
+                state[k] = 0.95 * state[k] + gk
+                u = ortho(gk + 0.95 * state[k]) * 0.18 * math.sqrt(max(w.shape[-2:]))
+                ref[k] = w - lr_at(t, 0.03) * (u + 0.1 * w)
+            else:
+                m1[k], m2[k] = 0.9 * m1[k] + 0.1 * gk, 0.95 * m2[k] + 0.05 * gk ** 2
+                adam = (m1[k] / (1 - 0.9 ** (t + 1))) / (np.sqrt(m2[k] / (1 - 0.95 ** (t + 1))) + 1e-20)
+                ref[k] = w - lr_at(t, 0.05) * (adam + (0.1 if w.ndim >= 2 else 0.0) * w)
+        updates, opt_state = update(grads, opt_state, cur)
+        cur = _apply(cur, updates)
+    got = flatten(cur)
+    assert set(got) == set(ref)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(got[k], np.float64), ref[k], atol=2e-6, err_msg=k)
+
+
 # ----------------------------------------------------------------------------- schedules
 
 def test_cosine_schedule_hand_values():
