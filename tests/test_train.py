@@ -68,6 +68,40 @@ def test_gate_bias_moves_toward_balance():
     assert float(params["layers"][1]["ffn"]["gate"]["bias"].sum()) == 0.0       # input not modified
 
 
+@pytest.mark.parametrize("weights, frozen", [((0.3, 1.0), set()), ((0.0, 1.0), {"mtp"}),
+                                             ((0.3, 0.0), {"indexer"})])
+def test_parameters_no_loss_term_trains_stay_as_they_are(weights, frozen):
+    """With mtp_loss_weight 0 the MTP block, with indexer_loss_weight 0 the indexers get no gradient;
+    the step (AdamW / Muon with weight decay) leaves them exactly as they were, and trains the rest."""
+    from flax import nnx
+    from conftest import small_config
+    from v4jax.config import TrainConfig
+    from v4jax.model.transformer import Transformer
+    from v4jax.optim import OptimizerConfig, build_optimizer
+    from v4jax.train_step import make_train_step
+
+    cfg = small_config(num_hidden_layers=2, compress_ratios=[4, 8, 4])
+    graph, params, rest = nnx.split(Transformer(cfg, mode="exact", rngs=nnx.Rngs(0)), nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = build_optimizer(OptimizerConfig(warmup_steps=0, total_steps=10, weight_decay=0.5), params)
+    tcfg = TrainConfig(mode="exact", mtp_loss_weight=weights[0], indexer_loss_weight=weights[1])
+    state = {"params": params, "buffers": nnx.to_pure_dict(rest), "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
+    new, _ = jax.jit(make_train_step(graph, cfg, tcfg, tx, lambda s: 1.0))(state, tokens)
+    for kp, old in jax.tree_util.tree_leaves_with_path(params):
+        names = {str(k.key) for k in kp}
+        if names & {"mtp", "indexer"} and "bias" not in names:  # gate biases follow their own rule
+            moved = not np.array_equal(old, _at(new["params"], kp))
+            assert moved != bool(names & frozen), (jax.tree_util.keystr(kp), moved)
+
+
+def _at(tree, kp):
+    for k in kp:
+        tree = tree[k.key]
+    return tree
+
+
 def test_indexer_kl_by_hand():
     rng = np.random.default_rng(0)
     B, S, H, N, d = 1, 9, 2, 3, 4

@@ -181,6 +181,23 @@ def round_bf16_tensors(params, cfg: ModelConfig):
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def untrained_parts(tcfg: TrainConfig) -> set[str]:
+    """Parameter groups (a component of their names) that no loss term trains with ``tcfg``'s weights:
+    ``mtp`` (the MTP blocks) when ``mtp_loss_weight`` is 0, ``indexer`` (the lightning indexers, trained
+    by their KL alone) when ``indexer_loss_weight`` is 0. ``make_train_step`` keeps them unchanged:
+    the optimizer would still decay them toward zero (fine-tuning a release without the MTP loss
+    would erase its MTP block)."""
+    return {part for part, w in (("mtp", tcfg.mtp_loss_weight), ("indexer", tcfg.indexer_loss_weight)) if not w}
+
+
+def keep_untrained(new, old, parts: set[str]):
+    """``new`` params with the leaves whose path names one of ``parts`` taken from ``old``."""
+    if not parts:
+        return new
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, n, o: o if parts & {str(getattr(k, "key", k)) for k in kp} else n, new, old)
+
+
 def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.GradientTransformation,
                     lr_schedule):
     """Returns ``step(state, tokens) -> (state, metrics)`` (pure; jit it with the state's shardings).
@@ -197,6 +214,7 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
         return loss, (metrics, counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    untrained = untrained_parts(tcfg)
 
     def grads_of(params, buffers, tokens):
         """(metrics, counts, grads) of the batch, in ``tcfg.grad_accum`` microbatches run one after another."""
@@ -230,6 +248,7 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         params = update_gate_biases(params, counts, tcfg.bias_update_speed)
+        params = keep_untrained(params, state["params"], untrained)
         metrics["grad_norm"] = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
                                             for g in jax.tree_util.tree_leaves(grads)))
         metrics["lr"] = lr_schedule(state["step"])

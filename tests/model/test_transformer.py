@@ -74,6 +74,28 @@ def test_causality(name):
     assert float(jnp.abs(la[:, k:] - lb[:, k:]).max()) > 1e-3   # later positions do see the change
 
 
+def test_mtp_block_j_reads_the_token_after_its_position_plus_j():
+    """Two MTP blocks: at position t block 0 embeds token t+1 and block 1 token t+2 (it predicts t+3), so
+    changing token k changes block 1 from position k-2 on and block 0 from k-1 on, nothing before."""
+    model = Transformer(small_config(num_nextn_predict_layers=2, compress_ratios=[0, 4, 8, 4, 4]),
+                        mode="exact", rngs=nnx.Rngs(0))
+    k, S = 13, 20
+    a = jax.random.randint(jax.random.key(5), (1, S + 1), 0, model.cfg.vocab_size)
+    b = a.at[:, k].set((a[:, k] + 1) % model.cfg.vocab_size)
+
+    @nnx.jit
+    def mtp(m, t):
+        _, X, _, _ = m(t[:, :S], logits=False)
+        return m.mtp_logits(X, t[:, 1:])[0]
+
+    (a0, a1), (b0, b1) = mtp(model, a), mtp(model, b)
+    chex.assert_shape([a0, a1], (1, S, model.cfg.vocab_size))
+    chex.assert_trees_all_close(a0[:, :k - 1], b0[:, :k - 1], rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(a1[:, :k - 2], b1[:, :k - 2], rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(a0[:, k - 1] - b0[:, k - 1]).max()) > 1e-3
+    assert float(jnp.abs(a1[:, k - 2] - b1[:, k - 2]).max()) > 1e-3
+
+
 def test_production_mode_runs_in_bf16_and_stays_close_to_exact():
     exact, prod = _model("mixed"), _model("mixed", mode="production")
     tokens = jax.random.randint(jax.random.key(5), (2, 30), 0, exact.cfg.vocab_size)

@@ -209,14 +209,19 @@ class Transformer(nnx.Module):
         return (self.logits_from_state(X) if logits else None), X, (caches if max_len is not None else None), infos
 
     def mtp_states(self, X, next_tokens, *, train: bool = False, remat: bool = False):
-        """MTP blocks on the main final state X ``[B, S, hc, D]`` with ``next_tokens = tokens[:, 1:S+1]``.
+        """MTP blocks on the main final state X ``[B, S, hc, D]`` with ``next_tokens = tokens[:, 1:]``.
 
-        Block j feeds on block j-1's output state. Returns (list of (block, its final state), infos).
+        Block j (from 0) feeds on block j-1's output state and, at position t, on token t+1+j
+        (``next_tokens[:, t+j]``): it predicts token t+2+j (DeepSeek-V3's sequential MTP; V4 has one
+        block). Positions whose token is past ``next_tokens``' end embed token 0: causal, they change
+        no earlier position. Returns (list of (block, its final state), infos).
         """
-        e = self.embed(next_tokens)
+        S = X.shape[1]
         out, infos = [], []
-        for blk in self.mtp:
-            X, _, info = _run_block(blk, blk.inputs(X, e), next_tokens, None, train, remat)
+        for j, blk in enumerate(self.mtp):
+            tok = next_tokens[:, j: j + S]
+            tok = jnp.pad(tok, ((0, 0), (0, S - tok.shape[1])))
+            X, _, info = _run_block(blk, blk.inputs(X, self.embed(tok)), tok, None, train, remat)
             out.append((blk, X))
             infos.append(info)
         return out, infos
