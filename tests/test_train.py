@@ -448,6 +448,13 @@ def test_config_errors_name_the_key(tmp_path):
     bad = load_config(TINY, ["data.source=jsonl", f"data.paths=[{tmp_path}/bad.jsonl]"])
     with pytest.raises(ConfigError, match=r"bad.jsonl:1: no field 'text'"):
         train(bad, tmp_path / "run", progress=False)
+    # token ids past the model's vocabulary (another tokenizer's data) stop the run at their batch
+    vocab = load_config(TINY).model.vocab_size
+    np.save(tmp_path / "ids.npy", np.where(np.arange(4000) % 50, 1, vocab).astype(np.int32))
+    bad = load_config(TINY, ["data.source=tokens", f"data.paths=[{tmp_path}/ids.npy]", *FAST])
+    with pytest.raises(ConfigError, match=rf"data: token id {vocab} at step 1 is not below the model's "
+                                          rf"vocab_size={vocab}"):
+        train(bad, tmp_path / "ids", progress=False)
 
 
 def _train(workdir, *overrides, env=None):

@@ -321,6 +321,9 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     try:
         while step < tcfg.steps:
             local = next(data_iter)["tokens"]
+            if local.size and local.max() >= mcfg.vocab_size:  # the embedding / loss would read nothing
+                raise ConfigError(f"data: token id {int(local.max())} at step {step + 1} is not below the "
+                                  f"model's vocab_size={mcfg.vocab_size} (another tokenizer than the model's?)")
             batch = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh), local)
             with jax.set_mesh(mesh):  # the model reads it (expert parallelism: moe.Experts)
                 if compiled is None:  # compiled apart, so that step times and MFU exclude it
