@@ -2,7 +2,7 @@
 """v4jax evaluation CLI. Subcommands:
 
   logits      dump prefill / decode / MTP logits of a checkpoint (or a random model from a preset)
-  generate    text prompt(s) -> generated text (chat encoding, greedy / temperature / top-p, streaming)
+  generate    text prompt(s) -> generated text (chat encoding, greedy / temperature / top-k / top-p, streaming)
   perplexity  nats/token and bits/byte of text / JSONL / token files, scored in windows
   bench       prefill / decode latency and throughput, peak memory, KV-cache bytes per token
   needle      pass-key retrieval accuracy over context lengths x needle depths
@@ -242,8 +242,12 @@ class _Streamer:
 
 
 def cmd_generate(args):
-    from v4jax.generate import generate
+    from v4jax.generate import check_sampling, generate
 
+    try:
+        check_sampling(args.temperature, args.top_p, args.top_k)
+    except ValueError as e:
+        raise SystemExit(f"error: --temperature / --top-p / --top-k: {e}")
     texts, history = _prompts(args), _history(args)
     model = _load_model(args)
     tok, bos, stops = _tokenizer(args, model.cfg)
@@ -254,7 +258,7 @@ def cmd_generate(args):
     t0 = time.time()
     try:
         results = generate(engine, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed, stop_ids=stops, on_token=streamer)
+                           top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop_ids=stops, on_token=streamer)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     dt = time.time() - t0
@@ -375,11 +379,12 @@ def cmd_needle(args):
     if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
         raise SystemExit("error: need --lengths and --depths (each depth in [0, 1])")
     model = _load_model(args)
-    tok, bos, _ = _tokenizer(args, model.cfg)
+    tok, bos, stops = _tokenizer(args, model.cfg)
     engine = _engine(args, model, max(lengths) + args.digits + 8)
     try:
         r = needle(engine, tok, lengths=lengths, depths=depths, trials=args.trials, batch=args.batch,
-                   digits=args.digits, seed=args.seed, bos=bos, chat=args.chat, progress=not args.quiet)
+                   digits=args.digits, seed=args.seed, bos=bos, chat=args.chat, stop_ids=stops,
+                   progress=not args.quiet)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(needle_table(r))
@@ -503,6 +508,8 @@ def _add_commands(sub):
     p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="generated tokens per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    p.add_argument("--top-k", type=COUNT, default=0,
+                   help="sample among the k most likely tokens, then the nucleus of those (default 0 = off)")
     p.add_argument("--max-len", type=POSITIVE, default=None, help="cache length (default: longest prompt + new tokens)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
     p.add_argument("--json", help="also write prompts, completions and token ids to this JSON file")

@@ -72,6 +72,10 @@ def test_chat_encoding_of_a_conversation():
     assert chat.encode_chat(conv[1:2]) == "<｜begin▁of▁sentence｜><｜User｜>Hi<｜Assistant｜></think>"
     assert chat.encode_chat(conv[:3], add_generation_prompt=False).endswith("Hello!<｜end▁of▁sentence｜>")
     assert chat.split_reply("Sum of two twos.</think>4<｜end▁of▁sentence｜>", thinking=True) == ("Sum of two twos.", "4")
+    # several system messages (--system and a --history starting with one): each one's bare content, in
+    # order, nothing between them (the release's encoding_dsv4 renders messages one by one)
+    two = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in French."}, conv[1]]
+    assert chat.encode_chat(two) == "<｜begin▁of▁sentence｜>Be brief.Answer in French.<｜User｜>Hi<｜Assistant｜></think>"
     for bad, msg in [([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user messages"),
                      ([{"role": "tool", "content": "x"}], "unknown role"),
                      ([{"role": "assistant", "content": "x"}], "must follow a user"),
@@ -95,6 +99,22 @@ def test_sampling_greedy_top_p_and_temperature():
     np.testing.assert_allclose(np.mean(s == 0), 0.25 / 0.365, atol=0.03)
     with pytest.raises(ValueError, match="top_p"):
         sample_logits(logits, key, temperature=1.0, top_p=0.0)
+    # top-k keeps the k most likely, renormalised; top-p then applies to those (as HF and vLLM): with
+    # p = .4, .3, .2, .1, top_k=2 leaves .571, .429 and top_p=.5 only the first (on the full
+    # distribution it would keep two)
+    flat = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]] * 4000, jnp.float32))
+    s = np.asarray(sample_logits(flat, key, temperature=1.0, top_k=2))
+    assert set(np.unique(s)) == {0, 1} and abs(np.mean(s == 0) - 0.4 / 0.7) < 0.03
+    assert np.all(np.asarray(sample_logits(flat, key, temperature=1.0, top_k=2, top_p=0.5)) == 0)
+    assert np.all(np.asarray(sample_logits(flat, key, temperature=1.0, top_k=1)) == 0)
+    s = np.asarray(sample_logits(flat, key, temperature=1.0, top_k=4000))            # k >= V: all
+    np.testing.assert_allclose(np.bincount(s, minlength=4) / len(s), [0.4, 0.3, 0.2, 0.1], atol=0.03)
+    # one key per row: row b's draw depends on keys[b] and its own logits only
+    keys = jax.random.split(key, 3)
+    rows = jax.random.normal(jax.random.key(1), (3, 50))
+    batch = np.asarray(sample_logits(rows, keys, temperature=1.0, top_p=0.9, top_k=20))
+    for b in range(3):
+        assert batch[b] == int(sample_logits(rows[b:b + 1], keys[b:b + 1], temperature=1.0, top_p=0.9, top_k=20)[0])
 
 
 def test_generate_batch_of_different_lengths_equals_single_rows(engine):
@@ -111,6 +131,22 @@ def test_generate_batch_of_different_lengths_equals_single_rows(engine):
     assert single[1][0] == int(np.argmax(_padded_logits(engine, p2)[-1]))
     s1 = generate(engine, [p1], max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)[0].tokens
     assert generate(engine, [p1], max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)[0].tokens == s1
+
+
+def test_sampled_row_does_not_depend_on_the_other_rows(engine):
+    """A sampled row's tokens depend on the seed, its row id and its own prompt: not on how many other
+    rows share the batch, nor on their lengths (which change how much of every prompt is prefilled)."""
+    rng = np.random.default_rng(4)
+    p1, p2, p3 = (rng.integers(2, 2048, n).tolist() for n in (5, 9, 70))
+    kw = dict(max_new_tokens=6, temperature=1.0, top_p=0.95, seed=3)
+    alone = generate(engine, [p2], row_ids=[1], **kw)[0].tokens
+    assert generate(engine, [p1, p2], **kw)[1].tokens == alone
+    assert generate(engine, [p3, p2, p1], **kw)[1].tokens == alone
+    assert generate(engine, [p2], **kw)[0].tokens != alone                 # another row id, other draws
+    twice = generate(engine, [p2, p2], **kw)
+    assert twice[0].tokens != twice[1].tokens                              # duplicates are not copies
+    with pytest.raises(ValueError, match="row_ids"):
+        generate(engine, [p1, p2], row_ids=[0], **kw)
 
 
 def test_generate_stops_on_eos(engine):
@@ -254,7 +290,8 @@ def test_cli_checks_its_arguments_before_loading_the_model(tmp_path, capsys):
     for cmd, said in ((["logits", "--prefill", "0", "--out", "x.npz"], "--prefill: must be >= 1, got 0"),
                       (["bench", "--iters", "0"], "--iters: must be >= 1"),
                       (["perplexity", "--data", "x.txt", "--stride", "0"], "--stride: must be >= 1"),
-                      (["needle", "--trials", "-1"], "--trials: must be >= 1")):
+                      (["needle", "--trials", "-1"], "--trials: must be >= 1"),
+                      (["generate", "--prompt", "hi", "--top-k", "-1"], "--top-k: must be >= 0")):
         with pytest.raises(SystemExit):
             ev.main(cmd + nowhere)
         assert said in capsys.readouterr().err
@@ -265,6 +302,7 @@ def test_cli_checks_its_arguments_before_loading_the_model(tmp_path, capsys):
              "--tokens has 5 columns; --prefill 4 \\+ --decode 3 needs 7"),
             (["generate", "--prompt", "hi", "--history", str(tmp_path / "object.json")], "expected a JSON list"),
             (["generate", "--prompt", "hi", "--raw", "--system", "be brief"], "--raw .* excludes --system"),
+            (["generate", "--prompt", "hi", "--temperature", "1", "--top-p", "1.5"], "--top-p .* 0 < top_p <= 1"),
             (["perplexity", "--data", str(tmp_path / "missing*.txt")], "--data")):
         with pytest.raises(SystemExit, match=said):
             ev.main(cmd + nowhere)
@@ -315,6 +353,25 @@ def test_needle_prompt_places_the_key(tok):
         needle_prompt(tok, 40, 0.5, "48213", bos=0)
 
 
+def test_needle_answer_ends_at_a_stop_token(engine, tok, monkeypatch):
+    """What the model writes after <｜end▁of▁sentence｜> is no part of its answer: needle() stops there
+    (by default the tokenizer's EOS; here also the first token of the answer, so it ends at once)."""
+    import v4jax.evaluate as evaluate
+    seen, answers = [], []
+
+    def recording(*args, **kw):
+        seen.append(set(kw.get("stop_ids", ())))
+        answers.append(generate(*args, **kw))
+        return answers[-1]
+    monkeypatch.setattr(evaluate, "generate", recording)
+    evaluate.needle(engine, tok, lengths=[96], depths=[0.5], trials=1, batch=1, bos=0, progress=False)
+    assert seen == [{tok.token_to_id("<｜end▁of▁sentence｜>")}]
+    first = answers[0][0].tokens[0]
+    r = evaluate.needle(engine, tok, lengths=[96], depths=[0.5], trials=1, batch=1, bos=0, stop_ids={first},
+                        progress=False)
+    assert r.samples[0]["answer"] == "" and not r.samples[0]["correct"]
+
+
 def test_cli_needle_prints_accuracy_table(ckpt, tmp_path, capsys):
     ev = eval_cli()
     # lengths + 13 answer tokens fit MAX_LEN; both prefill 64 tokens (compiled once)
@@ -342,15 +399,26 @@ def lm(engine):
 
 
 def test_adapter_loglikelihood(lm, engine, tok):
-    reqs = [_Req("The sky is", " blue"), _Req("x = ", "1 + 2"), _Req("", "hello world")]
+    reqs = [_Req("The sky is", " blue"), _Req("x = ", "1 + 2"), _Req("", "hello world"),
+            _Req("The quick brown fox jum", "ps over")]
     got = lm.loglikelihood(reqs)
-    for (ctx, cont), (lp, greedy) in zip([("The sky is", " blue"), ("x =", " 1 + 2"), ("", "hello world")], got):
-        whole = [0] + _ids(tok, ctx) + _ids(tok, cont)
-        n = len(_ids(tok, cont))
+    # the split of lm-eval's HF / vLLM backends (TemplateLM._encode_pair): trailing whitespace moved to
+    # the continuation; continuation tokens = encode(context + continuation) past len(encode(context))
+    ctx4, cont4 = "The quick brown fox jum", "ps over"
+    assert _ids(tok, ctx4) + _ids(tok, cont4) != _ids(tok, ctx4 + cont4)   # BPE merges across the cut
+    for (ctx, cont), (lp, greedy) in zip([("The sky is", " blue"), ("x =", " 1 + 2"), ("", "hello world"),
+                                          (ctx4, cont4)], got):
+        tail = _ids(tok, ctx + cont)[len(_ids(tok, ctx)):]
+        whole = [0] + _ids(tok, ctx) + tail
+        n = len(tail)
         logp = _padded_logits(engine, whole[:-1])
         pos = range(len(whole) - 1 - n, len(whole) - 1)
         np.testing.assert_allclose(lp, sum(logp[p, whole[p + 1]] for p in pos), rtol=1e-5)
         assert greedy == all(int(np.argmax(logp[p])) == whole[p + 1] for p in pos)
+    # "two sp" + "aces": the context's last token "p" and "aces" re-tokenise as " spa" "ces", so no
+    # continuation token is left past the context's count; lm-eval's backends then give (0.0, True)
+    assert _ids(tok, "two spaces")[len(_ids(tok, "two sp")):] == []
+    assert lm.loglikelihood([_Req("two sp", "aces")]) == [(0.0, True)]
 
 
 def test_adapter_rolling_and_generate_until(lm, engine, tok):
@@ -361,7 +429,9 @@ def test_adapter_rolling_and_generate_until(lm, engine, tok):
     for s, e, a in score_windows(len(ids), lm.max_length):
         lp = _padded_logits(engine, ids[s:e])
         want += sum(lp[j - 1 - s, ids[j]] for j in range(a, e + 1))
-    np.testing.assert_allclose(lm.loglikelihood_rolling([_Req(text)])[0], want, rtol=1e-5)
+    got = lm.loglikelihood_rolling([_Req(text), _Req("")])
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    assert got[1] == 0.0                                            # no tokens: log p = 0, as lm-eval
 
     prompt = "Once upon a time"
     full = generate(engine, [[0] + _ids(tok, prompt)], max_new_tokens=8)[0].tokens
@@ -372,6 +442,14 @@ def test_adapter_rolling_and_generate_until(lm, engine, tok):
                              _Req(prompt, {"until": [], "max_gen_toks": 8})])
     assert got == [expected, tok.decode(full)]
     assert lm.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<｜User｜>Hi<｜Assistant｜></think>"
+
+
+def test_adapter_sampled_generation_does_not_depend_on_batch_size(lm, engine):
+    from v4jax.lm_eval_adapter import V4JaxLM
+    one = V4JaxLM(engine=engine, tokenizer=TINY_TOKENIZER, batch_size=1, max_length=PAD, progress=False)
+    kw = {"until": [], "max_gen_toks": 5, "do_sample": True, "temperature": 1.0, "top_k": 50}
+    reqs = [_Req(p, kw) for p in ("Once upon a time", "The sky is", "def f(x):")]
+    assert lm.generate_until(reqs) == one.generate_until(reqs)              # batch_size 2 and 1
 
 
 def test_lm_eval_harness_runs_a_local_task(lm, tmp_path, monkeypatch):

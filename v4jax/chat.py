@@ -4,8 +4,9 @@
     <｜User｜>{user 2}<｜Assistant｜><think>                      (thinking mode, generation prompt)
     <｜User｜>{user 2}<｜Assistant｜></think>                     (non-thinking mode)
 
-* The system prompt follows BOS directly, without a role tag (several system messages are joined
-  by a blank line); there is none if the conversation has no system message.
+* The system prompt follows BOS directly, without a role tag (several system messages follow one
+  another with nothing between them, as the release's ``encoding_dsv4`` renders each message's content);
+  there is none if the conversation has no system message.
 * Every user turn is ``<｜User｜>`` + text; every assistant turn is ``<｜Assistant｜>`` + reply +
   ``<｜end▁of▁sentence｜>``. Completed assistant turns of the history are written in the
   non-thinking form ``</think>{content}``: the reasoning of earlier turns is not fed back.
@@ -55,7 +56,7 @@ def encode_chat(messages: list[dict], *, thinking: bool = False, add_generation_
             turns.append((role, content))
         else:
             raise ChatError(f"message {i}: unknown role {role!r} (system, user or assistant)")
-    out = [BOS if bos else "", "\n\n".join(system)]
+    out = [BOS if bos else "", *system]
     for role, content in turns:
         if role == "user":
             out.append(USER + content)

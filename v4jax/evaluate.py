@@ -246,9 +246,15 @@ class NeedleResult:
 
 
 def needle(engine: Engine, tok, *, lengths, depths, trials: int = 2, batch: int = 4, digits: int = 5,
-           seed: int = 0, bos: int | None = None, chat: bool = False, progress: bool = True) -> NeedleResult:
+           seed: int = 0, bos: int | None = None, chat: bool = False, stop_ids=None,
+           progress: bool = True) -> NeedleResult:
     """Greedy retrieval accuracy per (depth, length): a trial is correct when the generated text
-    (up to ``digits + 8`` tokens) contains the planted key."""
+    (up to ``digits + 8`` tokens, ending at a stop token) contains the planted key. ``stop_ids``: the
+    ids that end an answer (default: the tokenizer's ``<｜end▁of▁sentence｜>``); nothing the model
+    writes after one counts."""
+    from v4jax.tokenizer import EOS_TOKENS
+    if stop_ids is None:
+        stop_ids = {i for i in map(tok.token_to_id, EOS_TOKENS) if i is not None}
     rng = np.random.default_rng(seed)
     acc = np.zeros((len(depths), len(lengths)))
     samples = []
@@ -260,7 +266,7 @@ def needle(engine: Engine, tok, *, lengths, depths, trials: int = 2, batch: int 
         for i in tqdm(range(0, len(jobs), batch), desc=f"needle L={L}", disable=not progress):
             rows = prompts[i:i + batch]
             rows += [rows[-1]] * (batch - len(rows))  # keep one compiled batch shape
-            res = generate(engine, rows, max_new_tokens=max_new)
+            res = generate(engine, rows, max_new_tokens=max_new, stop_ids=stop_ids)
             for (di, d, k), g in zip(jobs[i:i + batch], res):
                 answer = tok.decode(g.tokens)
                 ok = k in answer

@@ -151,28 +151,47 @@ def cache_bytes(cfg, context: int, *, mode: str = "production", batch: int = 1, 
 # ------------------------------------------------------------------------------------------- sampling
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
-def _sample(logits, key, temperature, top_p, greedy: bool):
+def _sample(logits, keys, temperature, top_p, top_k, greedy: bool):
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
     order = jnp.argsort(-logits, axis=-1)                        # most likely first
     ranked = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(ranked, axis=-1)
+    ranked = jnp.where(jnp.arange(ranked.shape[-1]) < top_k, ranked, -jnp.inf)  # the top_k most likely
+    probs = jax.nn.softmax(ranked, axis=-1)                      # renormalised over them
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p         # mass before the token < top_p
-    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, ranked, -jnp.inf))  # row b: keys[b]
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def sample_logits(logits, key, *, temperature: float = 0.0, top_p: float = 1.0):
+def check_sampling(temperature, top_p, top_k):
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1 and top_k >= 0, got {temperature}, {top_p}, {top_k}")
+
+
+def sample_logits(logits, key, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0):
     """Next tokens from fp32 logits ``[B, V]`` -> int32 ``[B]``.
 
     ``temperature == 0``: greedy (argmax). Otherwise sample from ``softmax(logits / temperature)``
-    restricted to the nucleus: the most likely tokens whose cumulative probability first reaches
-    ``top_p`` (the most likely token is always kept). ``key``: a jax PRNG key.
+    restricted to the ``top_k`` most likely tokens (``0``: all), renormalised, then to the nucleus of
+    those: the most likely tokens whose cumulative probability first reaches ``top_p`` (the most likely
+    token is always kept). ``key``: a jax PRNG key (split into one per row) or ``B`` keys, row b
+    sampling with ``key[b]`` alone.
     """
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-    return _sample(logits, key, jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), temperature == 0)
+    check_sampling(temperature, top_p, top_k)
+    if temperature == 0:
+        return _sample(logits, None, jnp.float32(1), jnp.float32(1), jnp.int32(0), True)
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+    keys = jax.random.split(key, logits.shape[0]) if key.ndim == 0 else key
+    V = logits.shape[-1]
+    return _sample(logits, keys, jnp.float32(temperature), jnp.float32(top_p), jnp.int32(min(top_k or V, V)), False)
+
+
+@jax.jit
+def _step_keys(row_keys, counts):
+    """Row b's key for its ``counts[b]``-th new token."""
+    return jax.vmap(jax.random.fold_in)(row_keys, counts)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -195,7 +214,8 @@ def prefill_length(n: int, bucket: int = 64) -> int:
 
 
 def generate(engine: Engine, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_ids=(), on_token=None, should_stop=None, prefill_bucket: int = 64) -> list[Generation]:
+             top_k: int = 0, seed: int = 0, row_ids=None, stop_ids=(), on_token=None, should_stop=None,
+             prefill_bucket: int = 64) -> list[Generation]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, as one batch.
 
     Every row starts at position 0 and sees exactly its own tokens (no padding): the batch is
@@ -206,8 +226,12 @@ def generate(engine: Engine, prompts, *, max_new_tokens: int, temperature: float
     are done.
 
     ``on_token(row, token)`` is called for every generated token as it is decoded (streaming);
-    ``should_stop(row, tokens) -> bool`` may end a row early (e.g. on a stop string). Sampling uses one
-    PRNG key per step, split from ``seed``: outputs are reproducible for a given batch.
+    ``should_stop(row, tokens) -> bool`` may end a row early (e.g. on a stop string).
+
+    Sampling (``temperature``, ``top_p``, ``top_k``) as ``sample_logits``; row i draws its n-th new
+    token with the key ``fold_in(fold_in(key(seed), row_ids[i]), n)`` (``row_ids``: default ``0 … B-1``),
+    so a sampled row depends on the seed, its id and its own prompt only, not on the other rows of the
+    batch (their number, contents or lengths).
     """
     prompts = [[int(t) for t in p] for p in prompts]
     B, V = len(prompts), engine.cfg.vocab_size
@@ -221,20 +245,25 @@ def generate(engine: Engine, prompts, *, max_new_tokens: int, temperature: float
         raise ValueError(f"prompt {bad[0][0]} has token id {bad[0][1]} outside the model's vocabulary [0, {V})")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_p, top_k)  # before the prefill, which may take long
     if max(lens) + max_new_tokens > engine.max_len:
         raise ValueError(f"longest prompt ({max(lens)}) + max_new_tokens ({max_new_tokens}) exceeds the "
                          f"engine's max_len {engine.max_len}")
+    row_ids = list(range(B)) if row_ids is None else [int(r) for r in row_ids]
+    if len(row_ids) != B:
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {B} prompts")
     stop_ids = {int(s) for s in stop_ids if s is not None}
     out = [Generation([], "length") for _ in range(B)]
     done = [max_new_tokens == 0] * B
     P = prefill_length(min(lens), prefill_bucket)
     logits, cache, _ = engine.prefill(np.array([p[:P] for p in prompts], np.int32), last_only=True)
     last = logits[:, -1]
-    key = jax.random.key(seed)
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(row_ids, jnp.uint32))
     t = P  # position of the token fed next
     while not all(done):
-        key, sub = jax.random.split(key)
-        sampled = np.asarray(sample_logits(last, sub, temperature=temperature, top_p=top_p))
+        keys = _step_keys(row_keys, jnp.asarray([len(g.tokens) for g in out], jnp.uint32)) if temperature else None
+        sampled = np.asarray(sample_logits(last, keys, temperature=temperature, top_p=top_p, top_k=top_k))
         feed = np.zeros(B, np.int32)
         for i in range(B):
             if t < lens[i]:

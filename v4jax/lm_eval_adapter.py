@@ -8,7 +8,7 @@ Requests (lm-eval's ``Instance``; only ``.args`` is used):
   * ``loglikelihood``          ``(context, continuation)`` -> ``(Σ log p(continuation | context), greedy?)``
   * ``loglikelihood_rolling``  ``(text,)`` -> ``Σ log p(text)`` over windows of ``max_length`` tokens
   * ``generate_until``         ``(context, {"until": [...], "max_gen_toks": n, "do_sample", "temperature",
-                               "top_p"})`` -> the continuation, cut before the first stop string
+                               "top_p", "top_k"})`` -> the continuation, cut before the first stop string
 
 Every sequence starts with BOS (when the tokenizer has one). Without lm_eval installed the class
 is still importable (on a plain base) so its logic can be used and tested directly.
@@ -97,18 +97,22 @@ class V4JaxLM(_Base):
     # ------------------------------------------------------------------ lm-eval API
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Σ log p of each continuation's tokens after its context, and whether greedy decoding would
-        produce exactly them. Trailing whitespace of a context is moved to the continuation (it belongs
-        to the next word for BPE); sequences longer than ``max_length + 1`` lose their oldest tokens."""
+        produce exactly them. The tokens are split as lm-eval's own backends (HF, vLLM) split them
+        (``TemplateLM._encode_pair``): trailing whitespace of a context is moved to the continuation (it
+        belongs to the next word for BPE), and the continuation's tokens are those of the encoded
+        ``context + continuation`` past the context's token count, so a word cut between the two is
+        tokenised as in the whole text (a continuation merged entirely into the context's last token has
+        no tokens left: ``(0.0, True)``, as there). Sequences longer than ``max_length + 1`` lose their
+        oldest tokens."""
         rows = []
         for req in requests:
             context, continuation = req.args[0], req.args[1]
             n = len(context) - len(context.rstrip())
             if n:
                 context, continuation = context[:-n], context[-n:] + continuation
-            cont = self._encode(continuation)
-            whole = (self._head() + self._encode(context) + cont)[-(self.max_length + 1):]
-            if not cont:
-                raise ValueError(f"loglikelihood: empty continuation for context {context[-40:]!r}")
+            ctx = self._encode(context) if context else []
+            cont = self._encode(context + continuation)[len(ctx):]
+            whole = (self._head() + ctx + cont)[-(self.max_length + 1):]
             if len(whole) < 2:
                 raise ValueError("loglikelihood: need a context token (empty context and no BOS)")
             rows.append((whole, min(len(cont), len(whole) - 1)))
@@ -135,19 +139,26 @@ class V4JaxLM(_Base):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Σ log p of every token of each text (BOS as the first context), scored in disjoint windows of
-        ``max_length`` tokens (``evaluate.score_windows``: a window's first target sees one token)."""
+        ``max_length`` tokens (``evaluate.score_windows``: a window's first target sees one token; the
+        windows of lm-eval's ``get_rolling_token_windows`` with ``context_len=1``). A text of no tokens: 0."""
         docs = [np.asarray(self._head() + self._encode(req.args[0]), np.int32) for req in requests]
-        if any(len(d) < 2 for d in docs):
-            raise ValueError("loglikelihood_rolling: a text with no tokens to score (empty text and no BOS)")
-        totals = score_documents(self.scorer, docs, seq_len=self.max_length, batch=self.batch_size,
-                                 progress=not disable_tqdm and self.progress)
+        if any(len(d) == 1 and self.bos is None for d in docs):
+            raise ValueError("loglikelihood_rolling: a one-token text has no context to score it from (no BOS)")
+        scored = [i for i, d in enumerate(docs) if len(d) >= 2]  # a text of no tokens: log p = 0 (as lm-eval)
+        totals = [0.0] * len(docs)
+        sums = score_documents(self.scorer, [docs[i] for i in scored], seq_len=self.max_length,
+                               batch=self.batch_size, progress=not disable_tqdm and self.progress)
+        for i, t in zip(scored, sums):
+            totals[i] = t
         for req, t in zip(requests, totals):
             self._hook("loglikelihood_rolling", req.args, t)
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with ``do_sample``) continuation of each context, stopped at EOS, at
-        ``max_gen_toks`` or when a string of ``until`` appears, and cut before it."""
+        """Greedy (or sampled, with ``do_sample``: ``temperature``, ``top_p``, ``top_k``) continuation of
+        each context, stopped at EOS, at ``max_gen_toks`` or when a string of ``until`` appears, and cut
+        before it. A sampled request draws with its own keys (``generate``'s ``row_ids``: its index in
+        ``requests``), so its text does not depend on ``batch_size`` or on the other requests."""
         groups: dict = {}
         for i, req in enumerate(requests):
             kw = dict(req.args[1] or {})
@@ -155,11 +166,12 @@ class V4JaxLM(_Base):
             until = [until] if isinstance(until, str) else list(until)
             sample = bool(kw.get("do_sample", False)) and float(kw.get("temperature", 1.0)) > 0
             key = (tuple(until), int(kw.get("max_gen_toks", self.max_gen_toks)),
-                   float(kw.get("temperature", 1.0)) if sample else 0.0, float(kw.get("top_p", 1.0)) if sample else 1.0)
+                   float(kw.get("temperature", 1.0)) if sample else 0.0, float(kw.get("top_p", 1.0)) if sample else 1.0,
+                   max(int(kw.get("top_k") or 0), 0) if sample else 0)  # top_k None / 0 / -1: off
             groups.setdefault(key, []).append(i)
         results: list = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
-        for (until, max_new, temperature, top_p), idx in groups.items():
+        for (until, max_new, temperature, top_p, top_k), idx in groups.items():
             max_new = min(max_new, self.max_length - 1)
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
@@ -170,7 +182,8 @@ class V4JaxLM(_Base):
                     return bool(_until) and any(u in self.tok.decode(toks) for u in _until)
 
                 gens = generate(self.engine, prompts, max_new_tokens=max_new, temperature=temperature,
-                                top_p=top_p, seed=self.seed, stop_ids=self.stops, should_stop=hit)
+                                top_p=top_p, top_k=top_k, seed=self.seed, row_ids=chunk, stop_ids=self.stops,
+                                should_stop=hit)
                 for i, g in zip(chunk, gens):
                     text = self.tok.decode(g.tokens)
                     for u in until:
