@@ -378,6 +378,8 @@ def cmd_needle(args):
     lengths, depths = _floats(args.lengths, "--lengths", int), _floats(args.depths, "--depths")
     if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
         raise SystemExit("error: need --lengths and --depths (each depth in [0, 1])")
+    if args.digits > 18:
+        raise SystemExit(f"error: --digits: at most 18, got {args.digits}")
     model = _load_model(args)
     tok, bos, stops = _tokenizer(args, model.cfg)
     engine = _engine(args, model, max(lengths) + args.digits + 8)

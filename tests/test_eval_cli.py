@@ -303,6 +303,7 @@ def test_cli_checks_its_arguments_before_loading_the_model(tmp_path, capsys):
             (["generate", "--prompt", "hi", "--history", str(tmp_path / "object.json")], "expected a JSON list"),
             (["generate", "--prompt", "hi", "--raw", "--system", "be brief"], "--raw .* excludes --system"),
             (["generate", "--prompt", "hi", "--temperature", "1", "--top-p", "1.5"], "--top-p .* 0 < top_p <= 1"),
+            (["needle", "--digits", "19"], "--digits: at most 18"),
             (["perplexity", "--data", str(tmp_path / "missing*.txt")], "--data")):
         with pytest.raises(SystemExit, match=said):
             ev.main(cmd + nowhere)
