@@ -749,3 +749,14 @@ def params_at(tree, kp):
     for k in kp:
         tree = tree[k.key]
     return tree
+
+
+def test_flops_per_token_count_the_mtp_block_only_when_it_runs():
+    """MFU's model FLOPs: with mtp=False (mtp_loss_weight 0: no loss runs the block) those of the same
+    model without its MTP block."""
+    from conftest import small_config
+    from v4jax.train_step import train_flops_per_token
+
+    with_mtp, without = small_config(), small_config(num_nextn_predict_layers=0, compress_ratios=[0, 4, 8])
+    assert train_flops_per_token(with_mtp, 64, mtp=False) == train_flops_per_token(without, 64)
+    assert train_flops_per_token(with_mtp, 64) > 1.2 * train_flops_per_token(without, 64)

@@ -260,12 +260,13 @@ def make_train_step(graphdef, cfg: ModelConfig, tcfg: TrainConfig, tx: optax.Gra
     return step
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, *, mtp: bool = True) -> float:
     """Model FLOPs of one training token (forward + backward = 3 × forward), for MFU.
 
     Matmuls: 2 FLOPs per active weight (projections, compressors, indexer, gate, shared and the
-    k routed experts, mHC mixes, head; MTP blocks included). Attention: 4·H·hd per attended key
-    (scores and values) with the average key count of each layer kind at this sequence length.
+    k routed experts, mHC mixes, head; the MTP blocks with ``mtp``, i.e. when a loss runs them).
+    Attention: 4·H·hd per attended key (scores and values) with the average key count of each layer
+    kind at this sequence length.
     """
     D, H, hd, hc = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.hc_mult
     I, k, E = cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.n_routed_experts
@@ -274,7 +275,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
                  + 2 * (2 + hc) * hc * hc * D)
     flops = 0.0
     win = min(cfg.sliding_window, seq_len)
-    for r in cfg.compress_ratios:
+    n_mtp = cfg.num_nextn_predict_layers if mtp else 0
+    for r in cfg.compress_ratios[:cfg.num_hidden_layers + n_mtp]:
         w = per_block
         keys = win
         if r:
@@ -286,6 +288,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
             w += cfg.q_lora_rank * IH * ID + D * IH + 2 * D * 2 * ID
             flops += 2 * IH * ID * seq_len / 8                   # indexer scores, average entry count
         flops += 2 * w + 4 * H * hd * keys
-    flops += 2 * cfg.vocab_size * D * (1 + cfg.num_nextn_predict_layers)
-    flops += 2 * 2 * D * D * cfg.num_nextn_predict_layers     # e_proj, h_proj
+    flops += 2 * cfg.vocab_size * D * (1 + n_mtp)
+    flops += 2 * 2 * D * D * n_mtp                              # e_proj, h_proj
     return 3.0 * flops

@@ -306,7 +306,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
 
     step_fn = _jit_step(graphdef, cfg, tx, state_shardings, mesh)
     tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
-    flops_per_token = train_flops_per_token(mcfg, cfg.data.seq_len)
+    flops_per_token = train_flops_per_token(mcfg, cfg.data.seq_len, mtp=tcfg.mtp_loss_weight > 0)
     peak = _peak_flops(tcfg)
     writer = None
     if is_main:
