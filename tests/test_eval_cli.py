@@ -453,6 +453,23 @@ def test_adapter_sampled_generation_does_not_depend_on_batch_size(lm, engine):
     assert lm.generate_until(reqs) == one.generate_until(reqs)              # batch_size 2 and 1
 
 
+def test_adapter_batches_prompts_of_similar_lengths(lm, monkeypatch):
+    """generate_until batches the longest prompts together (generate() prefills to a batch's shortest
+    prompt and feeds the rest one token a step) and returns the results in the requests' order."""
+    import v4jax.lm_eval_adapter as adapter
+    from v4jax.generate import Generation
+    calls = []
+
+    def fake(engine, prompts, **kw):  # "generates" each prompt's last token
+        calls.append([len(p) for p in prompts])
+        return [Generation([p[-1]], "length") for p in prompts]
+    monkeypatch.setattr(adapter, "generate", fake)
+    texts = ["a", "a long prompt with many more words in it", "b", "another long prompt with many words"]
+    got = lm.generate_until([_Req(t, {"until": [], "max_gen_toks": 2}) for t in texts])
+    assert len(calls) == 2 and min(calls[0]) > 5 and max(calls[1]) < 5   # the two long ones, then the short
+    assert got == [lm.tok.decode([lm._encode(t)[-1]]) for t in texts]    # each request's own result
+
+
 def test_lm_eval_harness_runs_a_local_task(lm, tmp_path, monkeypatch):
     """A tiny multiple-choice task (YAML + JSONL written here) through lm-eval's own evaluator."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -173,10 +173,14 @@ class V4JaxLM(_Base):
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm or not self.progress)
         for (until, max_new, temperature, top_p, top_k), idx in groups.items():
             max_new = min(max_new, self.max_length - 1)
+            encoded = {i: (self._head() + self._encode(requests[i].args[0]))[-(self.max_length - max_new):]
+                       for i in idx}
+            # longest first, so a batch's prompts have similar lengths: generate() prefills up to the
+            # shortest and feeds the rest of the others one token per step
+            idx = sorted(idx, key=lambda i: -len(encoded[i]))
             for k in range(0, len(idx), self.batch_size):
                 chunk = idx[k:k + self.batch_size]
-                prompts = [(self._head() + self._encode(requests[i].args[0]))[-(self.max_length - max_new):]
-                           for i in chunk]
+                prompts = [encoded[i] for i in chunk]
 
                 def hit(row, toks, _until=until):
                     return bool(_until) and any(u in self.tok.decode(toks) for u in _until)
