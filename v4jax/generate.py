@@ -84,7 +84,8 @@ class Engine:
         return self._decode(self.state, jnp.asarray(token, jnp.int32), cache)
 
     def mtp_logits(self, X, next_tokens):
-        """MTP heads on final state X with ``next_tokens [B, S]`` -> list of fp32 ``[B, S, V]``."""
+        """MTP heads on final state X ``[B, S, ...]`` with ``next_tokens = tokens[:, 1:]`` (at least S columns;
+        block j reads column t+j at position t, see ``Transformer.mtp_states``) -> list of fp32 ``[B, S, V]``."""
         return self._mtp(self.state, X, jnp.asarray(next_tokens, jnp.int32))
 
 
@@ -94,7 +95,8 @@ def dump_logits(engine: Engine, tokens: np.ndarray, n_prefill: int, n_decode: in
     * ``prefill_logits [B, N, V]``: every position of a prefill of ``tokens[:, :N]``;
     * ``decode_logits [B, M, V]``: then ``tokens[:, t]`` fed alone at position t = N … N+M-1;
     * ``mtp_logits [B, N, V]`` (and ``mtp{j}_logits`` for further blocks): the MTP block on the
-      prefill's final state with input tokens ``tokens[:, 1:N+1]``.
+      prefill's final state with input tokens ``tokens[:, 1:N+1]`` (block j: ``tokens[:, 1+j:N+1+j]``, as
+      far as ``tokens`` reaches; positions past its end embed token 0).
     """
     B, T = tokens.shape
     if n_prefill < 1:
@@ -110,7 +112,7 @@ def dump_logits(engine: Engine, tokens: np.ndarray, n_prefill: int, n_decode: in
     logits, cache, X = engine.prefill(tokens[:, :n_prefill])
     out["prefill_logits"] = np.asarray(logits, np.float32)
     if engine.cfg.num_nextn_predict_layers:
-        for j, ml in enumerate(engine.mtp_logits(X, tokens[:, 1:n_prefill + 1])):
+        for j, ml in enumerate(engine.mtp_logits(X, tokens[:, 1:n_prefill + engine.cfg.num_nextn_predict_layers])):
             out["mtp_logits" if j == 0 else f"mtp{j}_logits"] = np.asarray(ml, np.float32)
     steps = []
     for t in tqdm(range(n_prefill, n_prefill + n_decode), desc="decode", disable=not progress):
