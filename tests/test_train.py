@@ -438,6 +438,11 @@ def test_config_errors_name_the_key(tmp_path):
     check_batch(8, {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2})
     with pytest.raises(ConfigError, match=r"tiny.yaml: model: FP4 experts need hidden_size"):
         load_config(TINY, ["model.hidden_size=100"])
+    with pytest.raises(ConfigError, match=r"train.fp8_weight_qat needs model.quantization_config"):
+        load_config(TINY, ["model.quantization_config=null", "model.expert_dtype=null"])
+    with pytest.raises(ConfigError, match=r"train.fp4_expert_qat needs FP4 routed experts .* expert_dtype is fp8"):
+        load_config(TINY, ["model.expert_dtype=fp8"])
+    load_config(TINY, ["model.expert_dtype=fp8", "train.fp4_expert_qat=false"])
     # data problems are reported as config errors (train.py prints them without a traceback)
     # before the model is built
     from v4jax.trainer import train

@@ -485,4 +485,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: {e}") from None
         except ValueError as e:  # section validators of data / optimizer
             raise ConfigError(f"{p}: {name}: {e}") from None
+    m, t = built["model"], built["train"]
+    quantized = m.quantization_config is not None
+    _check(not t.fp8_weight_qat or quantized,
+           f"{p}: train.fp8_weight_qat needs model.quantization_config (without one the FP8 layers are stored in BF16)")
+    _check(not t.fp4_expert_qat or (quantized and m.expert_dtype == "fp4"),
+           f"{p}: train.fp4_expert_qat needs FP4 routed experts (model.quantization_config and "
+           f"model.expert_dtype: fp4; expert_dtype is {m.expert_dtype})")
     return Config(**built)

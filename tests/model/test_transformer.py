@@ -96,6 +96,45 @@ def test_mtp_block_j_reads_the_token_after_its_position_plus_j():
     assert float(jnp.abs(a1[:, k - 2] - b1[:, k - 2]).max()) > 1e-3
 
 
+def _quantiser_blocks(cfg):
+    """Block sizes of the activation quantisers a qat forward (with MTP) calls, per grid."""
+    from v4jax import quant
+    model = Transformer(cfg, mode="qat", rngs=nnx.Rngs(0))
+    graph, state = nnx.split(model)
+    calls = []
+
+    def hook(grid, v, q, rows):
+        calls.append((grid, v.shape[-1]))
+        return q
+
+    def forward(state, tokens):
+        m = nnx.merge(graph, state)
+        with quant.rounding_hook(hook):
+            _, X, _, _ = m(tokens[:, :-1], logits=False)
+            return m.mtp_logits(X, tokens[:, 1:])[0]
+    jax.eval_shape(forward, state, jnp.zeros((1, 17), jnp.int32))
+    return sorted(calls)
+
+
+def test_qat_quantises_the_inputs_of_fp8_and_fp4_linears_only():
+    """SPEC §5a: qat fake-quantises the input of every FP8 / FP4 linear (blocks of 128). A checkpoint
+    without quantization_config stores those layers in BF16, one with BF16 routed experts stores the
+    experts so: their inputs stay as they are. The KV (blocks of 64, §5b) and the indexer (FP4, 32,
+    §5c) are quantised in every case."""
+    quantized = small_config()                      # FP8 layers, FP4 experts
+    bf16_experts = small_config(expert_dtype=None)
+    bf16 = small_config(quantization_config=None, expert_dtype=None)
+    blocks = {name: _quantiser_blocks(c) for name, c in
+              (("quantized", quantized), ("bf16_experts", bf16_experts), ("bf16", bf16))}
+    fp8_128 = {k: v.count(("e4m3", 128)) for k, v in blocks.items()}
+    moe_blocks = quantized.num_hidden_layers + quantized.num_nextn_predict_layers
+    assert fp8_128["quantized"] - fp8_128["bf16_experts"] == 2 * moe_blocks   # expert input and hidden
+    assert fp8_128["bf16"] == 0
+    for k, v in blocks.items():                      # §5b / §5c in every case
+        assert ("e4m3", 64) in v and ("e2m1", 32) in v, k
+        assert [c for c in v if c[1] != 128] == [c for c in blocks["quantized"] if c[1] != 128], k
+
+
 def test_production_mode_runs_in_bf16_and_stays_close_to_exact():
     exact, prod = _model("mixed"), _model("mixed", mode="production")
     tokens = jax.random.randint(jax.random.key(5), (2, 30), 0, exact.cfg.vocab_size)

@@ -38,11 +38,16 @@ class Numerics:
     64 dims (SPEC §5b) and the indexer keys as FP4 with one per 32 (§5c). Both grids are then applied
     in every pass (indexer queries included), as in ``qat``, so prefill and decode agree; lossless
     in ``qat``. Not in ``exact`` mode, which quantises no activation.
+    ``fp8_linears`` / ``quantized_experts``: whether the checkpoint format stores the FP8 layers (it
+    has a ``quantization_config``) / the routed experts (FP4 or FP8 ``expert_dtype``) quantised; ``qat``
+    fake-quantises the inputs of those linears only (SPEC §5a: "every FP8/FP4 linear"), not of BF16 ones.
     """
     mode: str = "exact"
     fp4_experts: bool = False
     fp8_weights: bool = False
     kv_cache: str = "auto"
+    fp8_linears: bool = True
+    quantized_experts: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -225,7 +230,7 @@ class Linear(nnx.Module):
         return for_compute(w.astype(dtype), self.weight)
 
     def __call__(self, x):
-        if self.numerics.qat and self.qat_input:
+        if self.numerics.qat and self.qat_input and self.numerics.fp8_linears:
             x = quant.fake_quant_fp8(x, 128)
         return dot(x, self.dequantized(x.dtype), self.numerics)
 

@@ -185,7 +185,7 @@ class Experts(nnx.Module):
         applied to that pair's row; the same products as ``_routed``."""
         T, k = idx.shape
         dt, prec = x.dtype, self.numerics.precision
-        if self.numerics.qat:
+        if self.numerics.qat and self.numerics.quantized_experts:
             x = quant.fake_quant_fp8(x, 128)
         flat = idx.reshape(-1)
         here = (flat >= 0) & (flat < n_experts)
@@ -198,7 +198,7 @@ class Experts(nnx.Module):
         xs = jnp.repeat(x, k, axis=0)
         h = swiglu(mm(xs, w1), mm(xs, w3), self.limit)
         h = (h * jnp.where(here, w.reshape(-1), 0.0)[:, None]).astype(dt)
-        if self.numerics.qat:
+        if self.numerics.qat and self.numerics.quantized_experts:
             h = quant.fake_quant_fp8(h, 128, rows=jnp.arange(T * k) // k)
         return jnp.sum(mm(h, w2).reshape(T, k, -1), axis=1)
 
@@ -209,7 +209,7 @@ class Experts(nnx.Module):
         pairs of these experts])."""
         T, k = idx.shape
         dt, prec = x.dtype, self.numerics.precision
-        if self.numerics.qat:
+        if self.numerics.qat and self.numerics.quantized_experts:
             x = quant.fake_quant_fp8(x, 128)
         flat = idx.reshape(-1)
         flat = jnp.where((flat >= 0) & (flat < n_experts), flat, n_experts)  # n_experts = not here
@@ -230,7 +230,7 @@ class Experts(nnx.Module):
 
         h = swiglu(grouped(xs, w1), grouped(xs, w3), self.limit)
         h = (h * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)
-        if self.numerics.qat:
+        if self.numerics.qat and self.numerics.quantized_experts:
             h = quant.fake_quant_fp8(h, 128, rows=order // k)
         ys = grouped(h, w2)
         if capacity is not None:  # each kept pair's row added to its token (rows past the groups are 0)

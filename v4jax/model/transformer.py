@@ -157,7 +157,9 @@ class Transformer(nnx.Module):
                  kv_cache: str = "auto"):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         layout = layout or WeightLayout.float()
-        numerics = Numerics(mode, fp4_experts=fp4_expert_qat, fp8_weights=fp8_weight_qat, kv_cache=kv_cache)
+        quantized = cfg.quantization_config is not None
+        numerics = Numerics(mode, fp4_experts=fp4_expert_qat, fp8_weights=fp8_weight_qat, kv_cache=kv_cache,
+                            fp8_linears=quantized, quantized_experts=quantized and cfg.expert_dtype in ("fp4", "fp8"))
         self.cfg, self.numerics, self.layout = cfg, numerics, layout
         L, D, hc = cfg.num_hidden_layers, cfg.hidden_size, cfg.hc_mult
         kw = dict(numerics=numerics, layout=layout, rngs=rngs)
