@@ -160,8 +160,8 @@ class Attention(nnx.Module):
                 ikeys = self.indexer.keys(ientries)
                 qi, w = self.indexer.queries(xi, qri, pos)
                 if train:
-                    topk, aux["indexer_kl"] = indexer_train(qi, w, ikeys, q, ckv, topk=self.indexer.topk,
-                                                            scale=scale)
+                    topk, aux["indexer_kl"] = indexer_train(qi, w, ikeys, q, kv, ckv, sink, topk=self.indexer.topk,
+                                                            window=self.window, scale=scale)
                 else:
                     topk = self.indexer.select(qi, w, ikeys, pos)
                 o = fns.sparse_attention(q, kv, ckv, topk, sink, window=self.window, scale=scale, **kw)
@@ -292,29 +292,33 @@ class _Kernels:
                           ("rows_heads", "rows", "rows", "heads"), "rows_heads", **kw)
 
 
-def indexer_kl(scores, q, ckv, scale: float):
+def indexer_kl(scores, q, kv, ckv, sink, *, window: int, scale: float):
     """KL(main || indexer) over the compressed entries a query may select, averaged over queries.
 
-    The target is the main attention's distribution over the valid compressed entries, per head
-    softmax then mean over heads, detached; the indexer's is ``softmax(scores)`` (SPEC §6).
-    scores ``[B, S, N]`` (-inf = not selectable), q ``[B, S, H, hd]``, ckv ``[B, N, hd]``.
+    The target is the main attention's distribution over the valid compressed entries as in
+    DeepSeek's DSA: each head's attention probabilities (its softmax over the window keys, the
+    compressed entries and its sink) summed over heads and L1-normalised over the entries, detached;
+    the indexer's is ``softmax(scores)`` (SPEC §6). scores ``[B, S, N]`` (-inf = not selectable),
+    q ``[B, S, H, hd]``, kv ``[B, S, hd]`` (positions 0 … S-1), ckv ``[B, N, hd]``, sink ``[H]``.
     """
-    total, count = _indexer_kl_sum(scores, q, ckv, scale)
+    total, count = _indexer_kl_sum(scores, q, _window_rows(kv, 0, q.shape[1], window), ckv, sink, 0,
+                                   window=window, scale=scale)
     return total / jnp.maximum(count, 1)
 
 
 INDEXER_TRAIN_CHUNK = 256  # queries per step of indexer_train: memory ~ B·chunk·max(H, IH)·N floats
 
 
-def indexer_train(qi, w, ik, q, ckv, *, topk: int, scale: float, chunk: int = INDEXER_TRAIN_CHUNK):
+def indexer_train(qi, w, ik, q, kv, ckv, sink, *, topk: int, window: int, scale: float,
+                  chunk: int = INDEXER_TRAIN_CHUNK):
     """The lightning indexer in training: its top-k choice and its KL loss, over query chunks.
 
     qi ``[B, S, IH, ID]``, w ``[B, S, IH]``, ik ``[B, N, ID]`` (indexer queries, head weights, keys;
-    positions 0 … S-1); q ``[B, S, H, hd]``, ckv ``[B, N, hd]`` the main attention's queries and
-    compressed entries (the KL target, detached). Returns (top-k ``[B, S, topk]`` int32,
-    ``indexer_kl``): the same as ``reference.indexer_topk`` and ``indexer_kl`` on the full score
-    matrix, but ``chunk`` queries at a time under ``jax.checkpoint``, so neither pass holds more
-    than one chunk's ``[B, chunk, heads, N]`` products (not ``[B, S, heads, N]``).
+    positions 0 … S-1); q ``[B, S, H, hd]``, kv ``[B, S, hd]``, ckv ``[B, N, hd]``, sink ``[H]`` the
+    main attention's queries, window keys, compressed entries and sinks (the KL target, detached).
+    Returns (top-k ``[B, S, topk]`` int32, ``indexer_kl``): the same as ``reference.indexer_topk`` and
+    ``indexer_kl`` on the full score matrix, but ``chunk`` queries at a time under ``jax.checkpoint``,
+    so neither pass holds more than one chunk's ``[B, chunk, heads, N]`` products (not ``[B, S, heads, N]``).
     """
     B, S = q.shape[:2]
     C = min(chunk, S)
@@ -325,6 +329,8 @@ def indexer_train(qi, w, ik, q, ckv, *, topk: int, scale: float, chunk: int = IN
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.swapaxes(x.reshape(B, n, C, *x.shape[2:]), 0, 1)
 
+    kv = jnp.pad(kv, ((0, 0), (0, pad), (0, 0)))
+
     @jax.checkpoint
     def one(args):
         c, qi_c, w_c, q_c = args
@@ -333,22 +339,40 @@ def indexer_train(qi, w, ik, q, ckv, *, topk: int, scale: float, chunk: int = IN
         scores = jnp.where(real[None, :, None], scores, -jnp.inf)
         # each device's rows (under a mesh, the partitioner would gather the top-k's input over the batch)
         idx = local_call(reference.topk_indices, (jax.lax.stop_gradient(scores),), ("rows",), "rows", k=topk)
-        return idx, _indexer_kl_sum(scores, q_c, ckv, scale)
+        rows = _window_rows(kv, c * C, C, window)
+        return idx, _indexer_kl_sum(scores, q_c, rows, ckv, sink, c * C, window=window, scale=scale)
 
     idx, (total, count) = jax.lax.map(one, (jnp.arange(n), split(qi), split(w), split(q)))
     idx = jnp.swapaxes(idx, 0, 1).reshape(B, n * C, -1)[:, :S]
     return idx, jnp.sum(total) / jnp.maximum(jnp.sum(count), 1)
 
 
-def _indexer_kl_sum(scores, q, ckv, scale: float):
-    """(Σ over queries with a selectable entry of KL(main || indexer), how many such queries)."""
+def _window_rows(kv, first, C: int, window: int):
+    """The rows of ``kv [B, T, hd]`` that queries ``first … first+C-1`` reach in their window: positions
+    ``first-window+1 … first+C-1`` (those before 0 are zeros; the caller masks them) -> ``[B, C+window-1, hd]``."""
+    kv = jnp.pad(kv, ((0, 0), (window - 1, 0), (0, 0)))
+    return jax.lax.dynamic_slice_in_dim(kv, first, C + window - 1, axis=1)
+
+
+def _indexer_kl_sum(scores, q, rows, ckv, sink, first, *, window: int, scale: float):
+    """(Σ over queries with a selectable entry of KL(main || indexer), how many such queries), for
+    queries at ``first …`` with their window ``rows`` (from ``_window_rows``)."""
     valid = jnp.isfinite(scores)
-    logits = jnp.einsum("bshd,bnd->bshn", jax.lax.stop_gradient(q), jax.lax.stop_gradient(ckv),
-                        preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(valid[:, :, None, :], logits, -jnp.inf)
-    target = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=2)                 # [B, S, N]
+    q, rows, ckv, sink = (jax.lax.stop_gradient(a) for a in (q, rows, ckv, sink))
+    C = q.shape[1]
+    comp = jnp.einsum("bshd,bnd->bshn", q, ckv, preferred_element_type=jnp.float32) * scale
+    comp = jnp.where(valid[:, :, None, :], comp, -jnp.inf)
+    win = jnp.einsum("bshd,bld->bshl", q, rows, preferred_element_type=jnp.float32) * scale
+    t = first + jnp.arange(C)[:, None]                              # query positions
+    p = first - window + 1 + jnp.arange(C + window - 1)[None, :]     # row positions
+    win = jnp.where(((p > t - window) & (p <= t) & (p >= 0))[None, :, None, :], win, -jnp.inf)
+    lse = jnp.logaddexp(jnp.logaddexp(jax.nn.logsumexp(comp, axis=-1), jax.nn.logsumexp(win, axis=-1)),
+                        sink.astype(jnp.float32))                    # each head's softmax denominator
+    mass = jax.nn.logsumexp(comp - lse[..., None], axis=2)           # log Σ_h P_h(entry) [B, S, N]
+    log_p = mass - jax.nn.logsumexp(mass, axis=-1, keepdims=True)    # L1-normalised over the entries
+    log_p = jnp.where(valid, log_p, -jnp.inf)
     log_q = jax.nn.log_softmax(jnp.where(valid, scores, -jnp.inf), axis=-1)
-    terms = jnp.where(valid, target * (jnp.log(jnp.where(valid, target, 1.0)) - log_q), 0.0)
+    terms = jnp.where(valid, jnp.exp(log_p) * (log_p - log_q), 0.0)
     has = jnp.any(valid, axis=-1)
     return jnp.sum(jnp.where(has, terms.sum(-1), 0.0)), jnp.sum(has)
 
