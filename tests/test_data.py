@@ -159,6 +159,15 @@ def test_jsonl_text_field_and_bos(tmp_path, word_tokenizer):
     np.testing.assert_array_equal(b["tokens"], [[3, 1, 2, 4, 3, 2, 4, 3, 5, 1, 4]])
 
 
+def test_a_file_named_twice_is_kept_and_said(tmp_path):
+    """Overlapping globs (or a file listed again) read its documents twice: kept, with a warning naming it."""
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x")
+    with pytest.warns(UserWarning, match=r"a\.txt \(2 times\)"):
+        files = data.expand_paths((str(tmp_path / "*.txt"), str(tmp_path / "a.txt")))
+    assert files == [str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]
+
+
 def test_text_files_are_read_as_they_are(tmp_path):
     """Line endings are kept (\\r\\n is not turned into \\n); a file named with glob characters is a file."""
     raw = "a\r\nb\rc\n  x = 1\r\n".encode() * 5

@@ -17,6 +17,7 @@ independent of process_count.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import glob
@@ -24,6 +25,7 @@ import json
 import os
 import sys
 import sysconfig
+import warnings
 
 import grain
 import numpy as np
@@ -181,6 +183,12 @@ def expand_paths(paths: tuple[str, ...]) -> list[str]:
         else:
             what = "is a directory (use a glob such as dir/*.txt)" if os.path.isdir(p) else "does not exist"
             raise FileNotFoundError(f"DataConfig.paths: {p!r} {what}")
+    seen = collections.Counter(os.path.realpath(f) for f in files)
+    repeated = [f"{f} ({n} times)" for f, n in seen.items() if n > 1]
+    if repeated:  # overlapping globs, or a file listed again: kept (it may be meant as upsampling), but said
+        warnings.warn(f"DataConfig.paths names some files more than once; their documents are read that "
+                      f"many times per epoch: {', '.join(repeated[:5])}" + (" ..." if len(repeated) > 5 else ""),
+                      stacklevel=2)
     return files
 
 
