@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -146,14 +147,51 @@ def _validate_fp8(ckv: Fp8Entries, B: int, D: int):
                          f"({codes.dtype}, {exps.dtype})")
 
 
-def pick_rows(ckv, topk_idx):
+def pick_rows(ckv, topk_idx, dtype=None):
     """The rows of ``ckv`` (``[B, N, ...]``, or ``Fp8Entries``) that ``topk_idx [B, S, K]`` names, in
-    top-k order, and the indices renumbered into them: -> (``[B, S*K, ...]``, ``[B, S, K]``)."""
+    top-k order, and the indices renumbered into them: -> (``[B, S*K, ...]``, ``[B, S, K]``). A float
+    array's rows come in ``dtype`` (default ckv's); their gradient w.r.t. ckv sums in float32."""
     B, S, K = topk_idx.shape
     flat = jnp.maximum(topk_idx.reshape(B, S * K), 0)
-    picked = jax.tree.map(lambda a: jnp.take_along_axis(a, flat[..., None], axis=1), ckv)
+    if isinstance(ckv, Fp8Entries):  # a decoding cache: no gradient
+        picked = jax.tree.map(lambda a: jnp.take_along_axis(a, flat[..., None], axis=1), ckv)
+    else:
+        picked = _take_rows(ckv, flat, dtype or ckv.dtype)
     slots = jnp.arange(S * K, dtype=topk_idx.dtype).reshape(S, K)
     return picked, jnp.where(topk_idx >= 0, slots, -1)
+
+
+_SCATTER_BYTES = 1 << 25  # float32 row gradients converted at a time by ``pick_rows``'s backward
+
+
+def _take_rows(table, flat, dtype):
+    """``table[b, flat[b, i]]`` in ``dtype``: [B, N, ...], [B, M] -> [B, M, ...]. The table is
+    converted before the gather (same values; a float32 table gives no float32 rows). The gradient
+    is XLA's scatter-add, but in float32 and rounded once to the table's dtype: an entry picked by
+    many queries sums their terms in float32, not bf16."""
+    B, M = flat.shape
+    # XLA converts all of a scatter's updates to float32 before it (M x D x 4 bytes, 512 MiB for an
+    # 8K-query chunk of ``csa_in_chunks``): the backward adds them p rows at a time instead.
+    shape, table_dtype = table.shape, table.dtype
+    p = max(1, min(M, _SCATTER_BYTES // (B * math.prod(shape[2:]) * 4)))
+
+    @jax.custom_vjp
+    def take(table, flat):
+        return jnp.take_along_axis(table.astype(dtype), flat[..., None], axis=1)
+
+    def bwd(flat, d_rows):
+        def add(d, rows, idx):
+            return d.at[jnp.arange(B)[:, None], idx].add(rows.astype(jnp.float32))
+
+        piece = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i * p, p, axis=1)
+        d = jax.lax.fori_loop(0, M // p, lambda i, d: add(d, piece(d_rows, i), piece(flat, i)),
+                              jnp.zeros(shape, jnp.float32))
+        if M % p:  # the rows after the last whole piece
+            d = add(d, d_rows[:, M - M % p:], flat[:, M - M % p:])
+        return d.astype(table_dtype), None
+
+    take.defvjp(lambda table, flat: (take(table, flat), flat), bwd)
+    return take(table, flat)
 
 
 def dequant_for(mode, ckv: Fp8Entries, topk_idx, dtype):
@@ -259,10 +297,10 @@ def csa_in_chunks(spec: Spec, q, kv, ckv, topk_idx, sink, pos, chunk: int):
     """CSA (Mosaic) over a long prefill as ``lax.map`` over chunks of ``chunk`` queries: each chunk
     attends to its own gathered picks (``pick_rows``, ``Spec.picked``) and to the kv rows its
     window reaches, so the work is O(S*K) rather than O(S*N). The backward pass recomputes each
-    chunk's gather and forward (the gathered rows, S*K*D in all, are never saved); the gather's
-    gradient is a scatter-add in ckv's dtype (bf16 in training: an entry picked by many queries sums
-    their terms in bf16; summing in float32 took 0.47 GiB more temporaries for an 8K-query chunk at
-    128K context, V4-Flash shapes, compiled for v5p)."""
+    chunk's gather and forward (the gathered rows, S*K*D in all, are never saved). d(ckv) sums in
+    float32, within a chunk (``pick_rows``) and across chunks, and is rounded to ckv's dtype once (an
+    8K-query chunk at 128K context, V4-Flash shapes, compiled for v5p: 0.69 GiB of temporaries,
+    0.63 GiB with the sums in bf16)."""
     B, S, H, D = q.shape
     T, K = kv.shape[1], topk_idx.shape[2]
     n = -(-S // chunk)
@@ -277,10 +315,15 @@ def csa_in_chunks(spec: Spec, q, kv, ckv, topk_idx, sink, pos, chunk: int):
     starts = jnp.clip(firsts - pos[1] - spec.window + 1, 0, T - L)      # first kv row it reaches
     kv_rows = jnp.moveaxis(jnp.take(kv, starts[:, None] + jnp.arange(L), axis=1), 1, 0)
 
+    # The chunks close over ckv in float32, so the scan's backward sums their d(ckv) in float32 (and
+    # rounds it once, transposing this cast); their rows are gathered in ckv's dtype (XLA gathers
+    # them from ckv itself: the round trip through float32 is simplified away).
+    ckv32 = ckv.astype(jnp.float32)
+
     @jax.checkpoint  # the backward recomputes a chunk's gather and forward: nothing of S*K*D is saved
     def one(args):
         q_c, kv_c, idx_c, first, start = args
-        rows, slots = pick_rows(ckv, idx_c)
+        rows, slots = pick_rows(ckv32, idx_c, ckv.dtype)
         return attention(spec, q_c, kv_c, rows, slots, sink, jnp.stack([first, pos[1] + start]))
 
     o = jax.lax.map(one, (split(q), kv_rows, split(topk_idx, -1), firsts, starts))
@@ -310,8 +353,8 @@ def run(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, scale, q_start, kv_s
             and topk_idx.shape[1] * topk_idx.shape[2] < ckv.shape[1]):
         # The TPU kernels visit the entries between a query block's smallest and largest pick
         # densely: with fewer picks than entries (decoding, short chunks of a long context), the
-        # picked rows gathered first are fewer bytes and fewer tiles (the gather's gradient is
-        # the scatter-add into ckv), and each query block's picks are its own consecutive rows.
+        # picked rows gathered first are fewer bytes and fewer tiles (the gather's gradient is a
+        # float32 scatter-add into ckv), and each query block's picks are its own consecutive rows.
         ckv, topk_idx = pick_rows(ckv, topk_idx)
         picked = topk_idx.shape[2]
     if mode != "window" and jax.tree.leaves(ckv)[0].shape[1] == 0:

@@ -240,6 +240,39 @@ def test_tpu_csa_long_prefill_runs_over_the_picks_in_chunks(monkeypatch, q_start
     assert [v.aval.shape for v in fwd.invars][3:5] == [(B, 128, D), (B, 128, D)]
 
 
+@pytest.mark.parametrize("q_start,S,K", [(100, 300, 2), (3990, 40, 8)], ids=["chunks", "gathered"])
+def test_tpu_csa_sums_the_gradient_of_a_popular_entry_in_float32(monkeypatch, q_start, S, K):
+    """bf16 inputs, entry 0 picked by every query: its d(ckv) sums S per-query terms, over 19 chunks
+    of 16 queries (a long prefill) or in one gather (S*K < N). Summed in float32 and rounded once it
+    is within a bf16 ulp of the float32 reference's (summed in bf16: up to 2.5 and 2.9 ulps off).
+    The backward's scatter-add runs in pieces of 12 rows and a last one of 8."""
+    from pallas_kernels import _core
+
+    rng = np.random.default_rng(11)
+    B, H, D, W = 1, 64, 64, 8
+    monkeypatch.setattr(_core, "_CHUNK_BYTES", 16 * B * K * D * 2)  # 16 bf16 queries per chunk
+    monkeypatch.setattr(_core, "_SCATTER_BYTES", 12 * B * D * 4)
+    N = (q_start + S) // CSA_RATIO
+    bf16 = lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)
+    # small scores and a positive do: d(ckv) is mostly sum p * do, terms of one sign and of sizes
+    # that vary by query and dimension (the bf16 sums' rounding errors do not cancel by chance)
+    q = bf16(0.1 * rng.standard_normal((B, S, H, D)))
+    do = bf16(np.exp(rng.standard_normal((B, S, 1, D))) * (0.5 + rng.random((B, S, H, D))))
+    kv = bf16(rng.standard_normal((B, q_start + S, D)))
+    ckv = bf16(rng.standard_normal((B, N, D)))
+    sink = jnp.asarray(rng.standard_normal(H), jnp.float32)
+    idx = _topk(rng, B, S, K, q_start, N)
+    idx = jnp.where(idx == 0, -1, idx).at[:, :, 0].set(0)
+    args, kw = dict(idx=idx), dict(window=W, scale=D ** -0.5, q_start=q_start)
+    got = _value_and_grads(_call("csa", pk, args, kw, **kernel_kw("mosaic")), q, kv, ckv, sink, do)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = _value_and_grads(_call("csa", ref, args, kw), f32(q), f32(kv), f32(ckv), sink, f32(do))
+    _assert_close(got, want, 1e-2)
+    popular, expected = np.asarray(f32(got[1][2][:, 0])), np.asarray(want[1][2][:, 0])
+    ulps = np.abs(popular - expected) / np.abs(np.spacing(expected.astype(jnp.bfloat16))).astype(np.float32)
+    assert ulps.max() <= 1, f"d(ckv) of entry 0 is up to {ulps.max():.1f} bf16 ulps off"
+
+
 def _pallas_calls(jaxpr):
     """The pallas_call equations of a jaxpr, in order, through nested jaxprs."""
     found = []

@@ -57,7 +57,9 @@ def test_attention_kernels_compile_for_tpu(mode, topology):
         assert compiled.as_text().count("tpu_custom_call") >= (1 if decode else 3)
     if mode == "csa" and topology == "v5p:2x2x1":
         # an 8K-query chunk at 128K context runs as chunks of queries over their gathered picks; the
-        # backward recomputes them: the temporaries hold no 8K x 512 picked rows (4 GiB in bf16)
+        # backward recomputes them: the temporaries hold no 8K x 512 picked rows (4 GiB in bf16), and
+        # d(ckv)'s float32 sums convert a chunk's row gradients a piece at a time (0.69 GiB; 1.19 GiB
+        # with all 512 MiB of them converted at once, 0.63 GiB with the sums in bf16)
         S, T = 8192, 1 << 17
         f = attention_sum(mode, window=128, scale=D ** -0.5, backend="mosaic", q_start=T - S)
         args = (sd((1, S, H, D), jnp.bfloat16), sd((1, T, D), jnp.bfloat16), sd((1, T // 4, D), jnp.bfloat16),
