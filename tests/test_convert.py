@@ -406,6 +406,33 @@ def test_error_config_mismatch(tmp_path, small_pair):
     assert not (tmp_path / "out").exists()
 
 
+def test_error_damaged_orbax_metadata(tmp_path, small_pair):
+    """A params/ (or train.py state/) whose tree metadata is gone: orbax only logs a warning and returns
+    no tree; the conversion names the directory instead of failing with an AttributeError."""
+    import orbax.checkpoint as ocp
+    from v4jax.checkpoint import open_train_run
+    from v4jax.convert import main
+    d, cfg = small_pair
+    orb = tmp_path / "orbax"
+    shutil.copytree(d / "orbax", orb)
+    (orb / "params" / "_METADATA").unlink()
+    with pytest.raises(ConversionError, match=r"params: not a readable orbax checkpoint.*missing or damaged"):
+        convert.open_orbax(orb)
+    with pytest.raises(SystemExit, match=r"error: .*params: not a readable orbax checkpoint"):
+        main(["orbax-to-hf", "--orbax", str(orb), "--out", str(tmp_path / "out"), "--quiet"])
+    run = {"model": {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}}
+    manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute())
+    manager.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": {"x": np.zeros(3)}}),
+                                            config=ocp.args.JsonSave(run)))
+    manager.wait_until_finished()
+    manager.close()
+    assert open_train_run(tmp_path / "run").leaves["x"].shape == (3,)
+    (tmp_path / "run" / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    with pytest.raises(ConversionError, match=r"2/state: not a readable orbax checkpoint"):
+        convert.orbax_to_hf(tmp_path / "run", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_error_output_not_empty(tmp_path, small_pair, monkeypatch):
     d, _ = small_pair
     out = tmp_path / "out"

@@ -118,7 +118,7 @@ class TrainRunParams:
 def open_train_run(path: str | os.PathLike, step: int | None = None) -> TrainRunParams:
     """A ``train.py`` checkpoint: the run's workdir, its ``checkpoints`` directory or one step's directory
     (``step``: default the newest). Reads the config and the leaves' metadata, no array."""
-    from v4jax.hf.convert import _flatten, _nest
+    from v4jax.hf.convert import _flatten, _nest, metadata_tree
     p = Path(path).absolute()
     if not p.exists():
         raise FileNotFoundError(f"training checkpoint path does not exist: {p}")
@@ -146,10 +146,9 @@ def open_train_run(path: str | os.PathLike, step: int | None = None) -> TrainRun
     quiet = _Without("Metadata file does not exist")
     logging.getLogger("absl").addFilter(quiet)
     try:
-        md = ocp.PyTreeCheckpointer().metadata(root / str(step) / "state")
+        tree = metadata_tree(root / str(step) / "state")
     finally:
         logging.getLogger("absl").removeFilter(quiet)
-    tree = getattr(getattr(md, "item_metadata", md), "tree", md)
     leaves, section = {}, {}
     for top in ("params", "buffers"):
         for name, m in _flatten(tree.get(top) or {}).items():

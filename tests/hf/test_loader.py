@@ -149,6 +149,7 @@ def _set(name, key, value):
     ("offsets_not_integers", "must be non-negative integers"),
     ("negative_offsets", "must be non-negative integers"),
     ("float_shape", "must be non-negative integers"),
+    ("dtype_not_a_string", "attn_sink' has unsupported dtype \\['F32'\\]"),
     ("overlap", "overlaps the tensor before it"),
     ("trailing_bytes", "7 bytes after the last tensor"),
     ("index_not_a_map", "weight_map must map tensor names to file names"),
@@ -174,6 +175,8 @@ def test_malformed_files_are_named(ckpt, tmp_path, case, match):
         _edit_header(f, _set(name, "data_offsets", [-8, 0]))
     elif case == "float_shape":
         _edit_header(f, _set(name, "shape", [2.0]))
+    elif case == "dtype_not_a_string":
+        _edit_header(f, _set(name, "dtype", ["F32"]))
     elif case == "overlap":
         _edit_header(f, _set(second.name, "data_offsets", [first.begin - base, first.end - base]))
     elif case == "trailing_bytes":

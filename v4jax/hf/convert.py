@@ -324,6 +324,22 @@ class OrbaxParams:
         return self.read(self.leaves)
 
 
+def metadata_tree(path: Path) -> dict:
+    """The stored tree of the orbax PyTree checkpoint at ``path``, as nested dicts of array metadata
+    (nothing read). A missing or damaged ``_METADATA`` / OCDBT manifest is an error naming ``path``
+    (orbax itself only logs a warning and returns no tree)."""
+    import orbax.checkpoint as ocp
+    try:
+        md = ocp.PyTreeCheckpointer().metadata(Path(path).absolute())
+    except Exception as e:  # orbax raises several types for unreadable checkpoints
+        raise ConversionError(f"{path}: not a readable orbax checkpoint ({e})") from e
+    tree = getattr(getattr(md, "item_metadata", md), "tree", md)
+    if not isinstance(tree, dict):
+        raise ConversionError(f"{path}: not a readable orbax checkpoint: its tree metadata (_METADATA, "
+                              f"manifest.ocdbt) is missing or damaged")
+    return tree
+
+
 def is_orbax_dir(path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
@@ -331,7 +347,6 @@ def is_orbax_dir(path) -> bool:
 def open_orbax(path) -> OrbaxParams:
     """Open and check an orbax-form directory: its ``v4jax.json``, ``config.json`` and that the stored
     leaves are exactly those of a model of that config in that layout (names, shapes, dtypes)."""
-    import orbax.checkpoint as ocp
     p = _existing_dir(path, "orbax checkpoint directory")
     if not (p / META_FILE).is_file():
         hint = " (it looks like an HF checkpoint: use hf-to-orbax)" if (p / "config.json").is_file() else ""
@@ -352,11 +367,7 @@ def open_orbax(path) -> OrbaxParams:
     cfg = from_hf_config(p)
     if not (p / PARAMS_DIR).is_dir():
         raise ConversionError(f"{p}: the orbax parameter checkpoint {PARAMS_DIR}/ is missing")
-    try:
-        md = ocp.PyTreeCheckpointer().metadata((p / PARAMS_DIR).absolute())
-    except Exception as e:  # orbax raises several types for unreadable checkpoints
-        raise ConversionError(f"{p / PARAMS_DIR}: not a readable orbax checkpoint ({e})") from e
-    tree = getattr(getattr(md, "item_metadata", md), "tree", md)
+    tree = metadata_tree(p / PARAMS_DIR)
     raw = dict(meta.get("raw_dtypes") or {})
     leaves = {}
     for name, m in _flatten(tree).items():

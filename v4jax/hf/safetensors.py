@@ -86,8 +86,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
         if not all(_is_count(d) for d in (*shape, b, e)) or b > e:
             raise CheckpointError(f"{path}: tensor {name!r}: shape and data_offsets must be non-negative "
                                   f"integers, begin <= end (header: {h})")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
         if e - b != expected:
             raise CheckpointError(f"{path}: tensor {name!r} {dtype}{list(shape)} needs {expected} bytes, "
