@@ -21,9 +21,11 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import reference
 from pallas_kernels.reference import FP8_BLOCK, Fp8Entries
@@ -106,20 +108,27 @@ def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_sta
             raise ValueError(f"{name} dtype must be float32 or bfloat16, got {x.dtype}")
     if kv.ndim != 3 or kv.shape[0] != B or kv.shape[2] != D:
         raise ValueError(f"kv must be [B={B}, T, D={D}], got shape {kv.shape}")
-    if sink.shape != (H,):
-        raise ValueError(f"sink must be [H={H}], got shape {sink.shape}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
+    if sink.shape != (H,) or not jnp.issubdtype(sink.dtype, jnp.floating):
+        raise ValueError(f"sink must be a float array [H={H}], got {sink.dtype} {sink.shape}")
+    if not _is_int(window) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
     if mode != "window" and not fp8:
-        if ckv.ndim != 3 or ckv.shape[0] != B or ckv.shape[2] != D:
-            raise ValueError(f"ckv must be [B={B}, N, D={D}], got shape {ckv.shape}")
-    if mode == "hca" and ratio < 1:
-        raise ValueError(f"ratio must be >= 1, got {ratio}")
+        if getattr(ckv, "ndim", None) != 3 or ckv.shape[0] != B or ckv.shape[2] != D:
+            raise ValueError(f"ckv must be [B={B}, N, D={D}], got shape {getattr(ckv, 'shape', ckv)}")
+    if mode == "hca" and (not _is_int(ratio) or ratio < 1):
+        raise ValueError(f"ratio must be an int >= 1, got {ratio!r}")
     if mode == "csa":
         if topk_idx.ndim != 3 or topk_idx.shape[:2] != (B, S) or topk_idx.shape[2] < 1:
             raise ValueError(f"topk_idx must be [B={B}, S={S}, K>=1], got shape {topk_idx.shape}")
         if not jnp.issubdtype(topk_idx.dtype, jnp.integer):
             raise ValueError(f"topk_idx must be an integer array, got {topk_idx.dtype}")
+        if not isinstance(topk_idx, jax.core.Tracer):  # concrete: its values are checked too
+            N = (ckv.codes if fp8 else ckv).shape[1]
+            idx = np.asarray(topk_idx)
+            bad = np.argwhere((idx < -1) | (idx >= N))
+            if len(bad):
+                raise ValueError(f"topk_idx must hold indices 0 ... N-1 into ckv (N={N}) or -1, got "
+                                 f"{idx[tuple(bad[0])]} at {tuple(int(i) for i in bad[0])}")
     qs, ks = _static_int(q_start), _static_int(kv_start)
     if qs is not None and qs < 0:
         raise ValueError(f"q_start must be >= 0, got {qs}")
@@ -129,6 +138,18 @@ def validate(mode, q, kv, ckv, topk_idx, sink, *, window, ratio, q_start, kv_sta
         raise ValueError(
             f"kv must cover every query position: kv_start + T = {ks + kv.shape[1]} < "
             f"q_start + S = {qs + S}")
+    if qs is not None and ks is not None and ks > max(0, qs - window + 1):
+        raise ValueError(
+            f"kv must cover the first query's window: kv_start = {ks} > max(0, q_start - window + 1) "
+            f"= {max(0, qs - window + 1)}")
+
+
+def _is_int(x) -> bool:
+    try:
+        operator.index(x)
+        return True
+    except TypeError:
+        return False
 
 
 def _validate_fp8(ckv: Fp8Entries, B: int, D: int):

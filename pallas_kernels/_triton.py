@@ -26,8 +26,9 @@ Backward (``lse`` saved by the forward, probabilities recomputed):
   ``G = (ds*scale)^T q + p^T do`` ([bk, D], a tensor-core matmul over the heads) is added to a
   float32 ``[N+1, D]`` buffer with ``atomic_add`` (row N absorbs the -1 slots). Races are
   resolved by the hardware atomics; the summation order, hence the last bits, is not
-  deterministic. Interpret mode emulates the atomics sequentially (an index repeated inside one
-  row of ``topk_idx`` would be counted once there; the indexer's top-k has no repeats).
+  deterministic. Interpret mode emulates an ``atomic_add`` as one read-add-write of the tile, which
+  would keep only one of the rows of an entry repeated in a ``topk_idx`` row: there the repeats'
+  rows are summed first (an entry repeated k times counts k times, as in the reference).
 
 Block sizes (``choose_blocks``; not timed, no GPU was available): rows per program 64 (32 for
 D=512, which keeps the f32 [rows, D] accumulator at 64 registers/thread with 8 warps), key tiles
@@ -471,8 +472,13 @@ def _dq_kernel(*refs, spec, blk, T, N, Kp):
         ds = p * (dp - delta[:, None])
         if csa_rows is not None:  # scatter this tile's dckv rows (row N absorbs -1 slots)
             dss, ps = (ds * spec.scale).astype(qs[0].dtype), p.astype(qs[0].dtype)
+            # Interpret mode emulates the atomics as one read-add-write of the tile, so an entry
+            # repeated in the tile would keep one of its rows: each repeat gets their sum instead.
+            same = (csa_rows[:, None] == csa_rows[None, :]).astype(jnp.float32) if spec.interpret else None
             for (lo, w), qc, dc in zip(cols, qs, dos):
                 g = _dot(dss, qc, prec, trans_a=True) + _dot(ps, dc, prec, trans_a=True)
+                if same is not None:
+                    g = _dot(same, g, lax.Precision.HIGHEST)
                 plgpu.atomic_add(acc_ref, (csa_rows[:, None], lo + jnp.arange(w)[None, :]), g)
         return tuple(a + _dot(ds.astype(kc.dtype), kc, prec) for a, kc in zip(dq, keys))
 

@@ -6,6 +6,8 @@ Semantics: ``reference.compressed_attention`` and ``reference.window_attention``
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from pallas_kernels import _core
 
 
@@ -25,6 +27,10 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
     Returns:
       [B, S, H, D] in q's dtype.
     """
+    if q.size == 0:  # no query (e.g. S = 0): an empty output, no kernel
+        _core.validate("hca", q, kv, ckv, None, sink, window=window, ratio=ratio, q_start=q_start,
+                       kv_start=kv_start)
+        return jnp.zeros(q.shape, q.dtype)
     return _core.run("hca", q, kv, ckv, None, sink, window=window, ratio=ratio, scale=scale,
                      q_start=q_start, kv_start=kv_start, interpret=interpret, backend=backend)
 
@@ -32,5 +38,9 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
 def window_attention(q, kv, sink, *, window: int, scale: float, q_start=0,
                      interpret: bool = False, kv_start=0, backend: str | None = None):
     """Window-only attention (HCA with no compressed entries); shapes as above."""
+    if q.size == 0:
+        _core.validate("window", q, kv, None, None, sink, window=window, ratio=0, q_start=q_start,
+                       kv_start=kv_start)
+        return jnp.zeros(q.shape, q.dtype)
     return _core.run("window", q, kv, None, None, sink, window=window, ratio=0, scale=scale,
                      q_start=q_start, kv_start=kv_start, interpret=interpret, backend=backend)

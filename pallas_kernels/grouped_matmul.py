@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _core, _gmm, _gmm_mosaic, reference
@@ -149,7 +150,8 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool 
       x: [M, K] float32 | bfloat16, rows sorted by group.
       w: [E, N, K] (the experts' stored ``[E, out, in]`` layout); x and w of mixed dtypes compute
         in the promoted one. float32 runs at full precision, bfloat16 on tensor cores.
-      group_sizes: int [E], rows per group (may be traced); sum <= M.
+      group_sizes: int [E], rows per group, >= 0 (may be traced; concrete sizes are checked);
+        sum <= M.
       interpret: run the Pallas kernel in interpret mode (CPU tests).
       backend: "triton" | "mosaic" | "xla" | None (by platform). "xla" is ``reference.grouped_matmul``.
     Differentiable in x and w.
@@ -166,6 +168,9 @@ def grouped_matmul(x, w, group_sizes, *, out_dtype=jnp.float32, interpret: bool 
     for name, a in (("x", x), ("w", w)):
         if a.dtype not in (jnp.float32, jnp.bfloat16):
             raise ValueError(f"{name} dtype must be float32 or bfloat16, got {a.dtype}")
+    if not isinstance(group_sizes, jax.core.Tracer) and (np.asarray(group_sizes) < 0).any():
+        # ragged_dot (xla, mosaic) and the Triton kernels disagree on a negative size
+        raise ValueError(f"group_sizes must be >= 0, got {np.asarray(group_sizes).tolist()}")
     backend = _core.resolve_backend(backend, interpret)
     if backend == "xla":
         return reference.grouped_matmul(x, w, group_sizes).astype(out_dtype)

@@ -57,7 +57,7 @@ def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0, interpret: bool = Fals
 
     Args:
       q: [B, S, IH, ID] float32 | bfloat16, indexer queries at positions q_start ... q_start+S-1.
-      w: [B, S, IH] per-head weights (any float dtype; used in float32).
+      w: [B, S, IH] float32 | bfloat16 per-head weights (used in float32).
       k: [B, N, ID] compressed indexer keys (q and k of mixed dtypes compute in the promoted one),
         or ``Fp4Keys`` (their values are used in q's dtype).
       ratio: entry j is visible to position t when ``j < (t + 1) // ratio``.
@@ -69,8 +69,8 @@ def indexer_scores(q, w, k, *, ratio: int = 4, q_start=0, interpret: bool = Fals
     backend = _core.resolve_backend(backend, interpret)
     if backend == "xla":
         return reference.indexer_scores(q, w, k, ratio=ratio, q_start=q_start)
-    if N == 0:
-        return jnp.full((q.shape[0], S, 0), -jnp.inf, jnp.float32)
+    if N == 0 or q.size == 0:  # no entry / no query (S = 0, IH = 0): no kernel
+        return reference.indexer_scores(q, w, k, ratio=ratio, q_start=q_start)
     q, k = _common_dtype(q, k, backend)
     out = _indexer.scores(q, w, k, q_start, ratio=ratio, backend=backend, interpret=interpret)
     return out[:, :S, :N]
@@ -110,6 +110,8 @@ def indexer_topk(q, w, k, topk: int, *, ratio: int = 4, q_start=0, chunk: int | 
     N = _n_keys(k)
     if N == 0:
         return jnp.full((B, S, topk), -1, jnp.int32)
+    if q.size == 0:  # no query (S = 0) or no head (IH = 0: visible entries score 0): no kernel
+        return reference.indexer_topk(q, w, k, topk, ratio=ratio, q_start=q_start)
     q, k = _common_dtype(q, k, backend)
     if backend == "xla":
         step, row_bytes = 1, 4 * B * H * N

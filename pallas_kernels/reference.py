@@ -60,7 +60,8 @@ def dequant_fp4_keys(keys: Fp4Keys, dim: int, dtype):
 
 
 def _precision(dtype):
-    # float32 inputs: true fp32 products (no TF32 / bf16 passes on GPU or TPU).
+    # float32 inputs (or mixed, which compute in float32): true fp32 products (no TF32 / bf16
+    # passes on GPU or TPU).
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
@@ -87,15 +88,18 @@ def _scores(q, k, scale, precision):
 
 
 def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0, kv_start=0):
-    """CSA: window keys plus the compressed entries named by ``topk_idx [B, S, K]`` (-1 = unused)."""
-    if ckv.shape[1] == 0:  # no compressed entries yet: every top-k slot is -1
+    """CSA: window keys plus the compressed entries named by ``topk_idx [B, S, K]`` (-1 = unused; so
+    is any index outside 0 ... N-1). An entry named k times in a row counts k times."""
+    N = ckv.shape[1]
+    if N == 0:  # no compressed entries yet: every top-k slot is unused
         return window_attention(q, kv, sink, window=window, scale=scale, q_start=q_start, kv_start=kv_start)
     B, S, H, D = q.shape
-    prec = _precision(q.dtype)
+    prec = _precision(jnp.result_type(q, kv, ckv))
     kw, wvalid = _window(kv, q_start, S, window, kv_start)  # [B,S,W,D]
-    kc = jax.vmap(lambda c, i: jnp.take(c, jnp.maximum(i, 0), axis=0))(ckv, topk_idx)  # [B,S,K,D]
+    used = (topk_idx >= 0) & (topk_idx < N)
+    kc = jax.vmap(lambda c, i: jnp.take(c, i, axis=0))(ckv, jnp.where(used, topk_idx, 0))  # [B,S,K,D]
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
-    s_c = jnp.where((topk_idx >= 0)[:, :, None, :], _scores(q, kc, scale, prec), _NEG)
+    s_c = jnp.where(used[:, :, None, :], _scores(q, kc, scale, prec), _NEG)
     o = _softmax_with_sink(jnp.concatenate([s_w, s_c], -1), jnp.concatenate([kw, kc], 2),
                            sink.astype(jnp.float32))
     return o.astype(q.dtype)
@@ -105,7 +109,7 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
     """HCA: window keys plus every compressed entry ``j < (t + 1) // ratio`` of query position t."""
     B, S, H, D = q.shape
     N = ckv.shape[1]
-    prec = _precision(q.dtype)
+    prec = _precision(jnp.result_type(q, kv, ckv))
     kw, wvalid = _window(kv, q_start, S, window, kv_start)
     t = q_start + jnp.arange(S)
     cvalid = jnp.arange(N)[None, :] < ((t + 1) // ratio)[:, None]  # [S, N]
@@ -124,7 +128,7 @@ def compressed_attention(q, kv, ckv, sink, *, window: int, ratio: int, scale: fl
 def window_attention(q, kv, sink, *, window: int, scale: float, q_start=0, kv_start=0):
     """Window-only layers (compress ratio 0)."""
     B, S, H, D = q.shape
-    prec = _precision(q.dtype)
+    prec = _precision(jnp.result_type(q, kv))
     kw, wvalid = _window(kv, q_start, S, window, kv_start)
     s_w = jnp.where(wvalid[None, :, None, :], _scores(q, kw, scale, prec), _NEG)
     return _softmax_with_sink(s_w, kw, sink.astype(jnp.float32)).astype(q.dtype)
@@ -136,7 +140,7 @@ def decode_attention(q, keys, valid, sink, *, scale: float):
     q [B, H, D]; keys [B, K, D] (ring-buffer window rows followed by compressed entries);
     valid [B, K] bool; returns [B, H, D] in q's dtype.
     """
-    prec = _precision(q.dtype)
+    prec = _precision(jnp.result_type(q, keys))
     s = jnp.einsum("bhd,bkd->bhk", q, keys, precision=prec, preferred_element_type=jnp.float32) * scale
     s = jnp.where(valid[:, None, :], s, _NEG)
     sink = sink.astype(jnp.float32)

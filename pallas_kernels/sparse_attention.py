@@ -8,7 +8,10 @@ Semantics: ``reference.sparse_attention``.
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from pallas_kernels import _core
+from pallas_kernels.reference import Fp8Entries
 
 
 def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q_start=0,
@@ -21,7 +24,9 @@ def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q
       kv: [B, T, D] raw key/values (one KV head, key = value); ``kv[:, i]`` is position
         ``kv_start + i`` and must cover ``max(0, q_start-window+1) ... q_start+S-1``.
       ckv: [B, N, D] compressed entries.
-      topk_idx: [B, S, K] int, indices into ckv, -1 = unused slot.
+      topk_idx: [B, S, K] int, indices into ckv, -1 = unused slot. An entry named twice in a row
+        counts twice (as in the reference). Concrete indices outside -1 ... N-1 are an error; traced
+        ones there make an unused slot.
       sink: [H] float32 sink logits (denominator only).
       window: a query at t sees kv positions t-window < p <= t.
       scale: score scale.
@@ -32,5 +37,13 @@ def sparse_attention(q, kv, ckv, topk_idx, sink, *, window: int, scale: float, q
     Returns:
       [B, S, H, D] in q's dtype.
     """
+    kw = dict(window=window, ratio=0, q_start=q_start, kv_start=kv_start)
+    _core.validate("csa", q, kv, ckv, topk_idx, sink, **kw)
+    if q.size == 0:  # no query (e.g. S = 0): an empty output, no kernel
+        return jnp.zeros(q.shape, q.dtype)
+    # Out-of-range (traced) indices are unused slots on every backend (the TPU kernels and the
+    # gather of picked rows would otherwise read padding or another entry).
+    N = (ckv.codes if isinstance(ckv, Fp8Entries) else ckv).shape[1]
+    topk_idx = jnp.where((topk_idx >= 0) & (topk_idx < N), topk_idx, -1)
     return _core.run("csa", q, kv, ckv, topk_idx, sink, window=window, ratio=0, scale=scale,
                      q_start=q_start, kv_start=kv_start, interpret=interpret, backend=backend)
