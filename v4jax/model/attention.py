@@ -306,7 +306,8 @@ def indexer_kl(scores, q, kv, ckv, sink, *, window: int, scale: float):
     return total / jnp.maximum(count, 1)
 
 
-INDEXER_TRAIN_CHUNK = 256  # queries per step of indexer_train: memory ~ B·chunk·max(H, IH)·N floats
+# queries per step of indexer_train: memory ~ B·chunk·max(H, IH)·(N + chunk + window) floats
+INDEXER_TRAIN_CHUNK = 256
 
 
 def indexer_train(qi, w, ik, q, kv, ckv, sink, *, topk: int, window: int, scale: float,
@@ -318,7 +319,8 @@ def indexer_train(qi, w, ik, q, kv, ckv, sink, *, topk: int, window: int, scale:
     main attention's queries, window keys, compressed entries and sinks (the KL target, detached).
     Returns (top-k ``[B, S, topk]`` int32, ``indexer_kl``): the same as ``reference.indexer_topk`` and
     ``indexer_kl`` on the full score matrix, but ``chunk`` queries at a time under ``jax.checkpoint``,
-    so neither pass holds more than one chunk's ``[B, chunk, heads, N]`` products (not ``[B, S, heads, N]``).
+    so neither pass holds more than one chunk's ``[B, chunk, heads, N]`` products (not ``[B, S, heads, N]``)
+    and its window scores ``[B, chunk, H, chunk + window - 1]``.
     """
     B, S = q.shape[:2]
     C = min(chunk, S)
