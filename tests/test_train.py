@@ -778,3 +778,23 @@ def test_flops_per_token_count_the_mtp_block_only_when_it_runs():
     with_mtp, without = small_config(), small_config(num_nextn_predict_layers=0, compress_ratios=[0, 4, 8])
     assert train_flops_per_token(with_mtp, 64, mtp=False) == train_flops_per_token(without, 64)
     assert train_flops_per_token(with_mtp, 64) > 1.2 * train_flops_per_token(without, 64)
+
+
+def test_experts_not_divisible_by_the_expert_axis_fail_before_the_model_is_built(tmp_path, monkeypatch):
+    """mesh.expert must divide model.n_routed_experts: train() says so as a ConfigError naming both keys and
+    numbers, before the data or the model (for V4-Flash: minutes of loading) are touched, not at trace time
+    from inside the MoE."""
+    import types
+
+    from v4jax import sharding, trainer
+    from v4jax.sharding import check_experts
+    with pytest.raises(ConfigError, match=r"model.n_routed_experts=8 must be a multiple of mesh.expert=3"):
+        check_experts(8, {"data": 1, "fsdp": 1, "expert": 3, "tensor": 1})
+    check_experts(8, {"data": 3, "fsdp": 1, "expert": 4, "tensor": 3})
+    # 3 devices on the expert axis (a stand-in mesh: the check needs only its shape)
+    monkeypatch.setattr(sharding, "make_mesh", lambda cfg, devices=None: types.SimpleNamespace(
+        shape={"data": 1, "fsdp": 1, "expert": 3, "tensor": 1}))
+    monkeypatch.setattr(trainer, "make_iterator", lambda *a, **k: pytest.fail("the data was read first"))
+    cfg = load_config(TINY, [*FAST, "data.global_batch=6"])
+    with pytest.raises(ConfigError, match=r"^model.n_routed_experts=8 must be a multiple of mesh.expert=3"):
+        trainer.train(cfg, tmp_path / "run", progress=False)

@@ -260,5 +260,14 @@ def check_batch(global_batch: int, mesh_axes, grad_accum: int = 1):
                           "mesh axes" + (" and into the microbatches" if accum else "") + ")")
 
 
+def check_experts(n_routed_experts: int, mesh_axes):
+    """Expert parallelism keeps ``n_routed_experts / expert`` routed experts on each device of the mesh's
+    ``expert`` axis: it must divide them. ``mesh_axes``: a mesh's ``shape`` (axis name -> size)."""
+    n = dict(mesh_axes).get("expert", 1)
+    if n_routed_experts % n:
+        raise ConfigError(f"model.n_routed_experts={n_routed_experts} must be a multiple of mesh.expert={n} "
+                          "(each device of the expert axis keeps n_routed_experts / expert of the routed experts)")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -217,6 +217,7 @@ def compile_for_tpu(cfg: Config, topology: str) -> dict:
     devices = tpu_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check_batch(cfg.data.global_batch, mesh.shape, cfg.train.grad_accum)
+    sharding.check_experts(cfg.model.n_routed_experts, mesh.shape)
     with pallas_kernels.target_platform("tpu"):
         graphdef, tx, state = _state_specs(nnx.eval_shape(_builder(cfg)), cfg, mesh)
         step_fn = _jit_step(graphdef, cfg, tx, jax.tree_util.tree_map(lambda x: x.sharding, state), mesh)
@@ -256,6 +257,7 @@ def train(cfg: Config, workdir: str | os.PathLike, *, progress: bool = True) -> 
     tcfg, mcfg = cfg.train, cfg.model
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_batch(cfg.data.global_batch, mesh.shape, tcfg.grad_accum)
+    sharding.check_experts(cfg.model.n_routed_experts, mesh.shape)
     is_main = jax.process_index() == 0
     try:  # first, so that a bad data path or file fails before the model is built
         data_iter = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
