@@ -56,9 +56,11 @@ def test_hf_orbax_hf_is_byte_exact(tmp_path, variant):
     (hf / "tokenizer.json").write_text('{"stand-in": true}')
     (hf / "generation_config.json").write_text('{"temperature": 0.6}')
     from v4jax.convert import main
-    main(["hf-to-orbax", "--hf", str(hf), "--out", str(tmp_path / "orbax"), "--quiet"])
+    main(["hf-to-orbax", "--hf", str(hf), "--out", str(tmp_path / "orbax"), "--part-size", "100KB", "--quiet"])
     meta = json.loads((tmp_path / "orbax" / "v4jax.json").read_text())
-    assert meta["format"] == "v4jax-params" and meta["version"] == 1 and meta["layout"] == "released"
+    assert meta["format"] == "v4jax-params" and meta["version"] == 2 and meta["layout"] == "released"
+    assert meta["parts"] > 1 and sorted(p.name for p in (tmp_path / "orbax" / "params").iterdir()) == [
+        f"part-{i:05d}" for i in range(meta["parts"])]
     main(["orbax-to-hf", "--orbax", str(tmp_path / "orbax"), "--out", str(tmp_path / "back"),
           "--shard-size", "100KB", "--quiet"])
     _assert_same_tensors(tmp_path / "back", tensors)
@@ -81,11 +83,78 @@ def test_orbax_stores_quantised_dtypes_exactly(tmp_path):
     flat = {"a.w": np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).reshape(16, 16),
             "a.s": np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e8m0fnu),
             "b.0.x": np.arange(-128, 128, dtype=np.int8)}
-    assert convert.save_params(tmp_path / "p", flat) == {}
+    assert convert.save_params(tmp_path / "p", flat.items()) == ({}, 1)
     import orbax.checkpoint as ocp
-    back = convert._flatten(ocp.PyTreeCheckpointer().restore(tmp_path / "p"))
+    back = convert._flatten(ocp.PyTreeCheckpointer().restore(tmp_path / "p" / "part-00000"))
     for k, v in flat.items():
         assert back[k].dtype == v.dtype and back[k].tobytes() == v.tobytes()
+
+
+def test_save_params_writes_each_part_when_full(tmp_path):
+    """Leaves from a generator go to disk a part at a time (so the host never holds the whole tree):
+    when a leaf is produced, every part completed before it is already written; a leaf larger than
+    the part size gets a part of its own."""
+    import orbax.checkpoint as ocp
+    sizes = [300, 500, 2000, 100, 100, 100, 700]  # bytes; part size 1000
+    want_parts = [["l.0", "l.1", "l.2"], ["l.3", "l.4", "l.5", "l.6"]]
+    flat = {f"l.{i}": np.full(n, i, np.uint8) for i, n in enumerate(sizes)}
+
+    def produce():
+        for i, (name, a) in enumerate(flat.items()):
+            done = sum(1 for part in want_parts if int(part[-1][2:]) < i)
+            assert len(list((tmp_path / "p").glob("part-*"))) == done, name
+            yield name, a
+    assert convert.save_params(tmp_path / "p", produce(), part_size="1KB") == ({}, 2)
+    for i, names in enumerate(want_parts):
+        back = convert._flatten(ocp.PyTreeCheckpointer().restore(tmp_path / "p" / f"part-{i:05d}"))
+        assert sorted(back) == names
+        for k in names:
+            np.testing.assert_array_equal(back[k], flat[k])
+
+
+def test_orbax_form_version_1_still_reads(tmp_path, small_pair):
+    """Directories written before the parts (``params/`` one orbax checkpoint, version 1) load as before."""
+    import orbax.checkpoint as ocp
+    d, _ = small_pair
+    new = convert.open_orbax(d / "orbax")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("config.json", "v4jax.json"):
+        shutil.copyfile(d / "orbax" / f, old / f)
+    meta = json.loads((old / "v4jax.json").read_text())
+    meta["version"] = 1
+    del meta["parts"]
+    (old / "v4jax.json").write_text(json.dumps(meta))
+    ocp.PyTreeCheckpointer().save((old / "params").absolute(), convert._nest(new.all()))
+    back = convert.open_orbax(old)
+    assert back.leaves == new.leaves
+    got, want = back.all(), new.all()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].tobytes() == want[k].tobytes(), k
+
+
+def test_error_parts_missing_or_extra(tmp_path, small_pair):
+    d, _ = small_pair
+    orb = tmp_path / "orbax"
+    shutil.copytree(d / "orbax", orb)
+    meta = json.loads((orb / "v4jax.json").read_text())
+    n = meta["parts"]
+    shutil.copytree(orb / "params" / "part-00000", orb / "params" / f"part-{n:05d}")
+    with pytest.raises(ConversionError, match=rf"records {n} part\(s\); missing \[\], unexpected \['part-{n:05d}'\]"):
+        convert.open_orbax(orb)
+    meta["parts"] = n + 1
+    (orb / "v4jax.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError, match=r"leaf '.*' is stored twice \(part-00000, part-"):
+        convert.open_orbax(orb)
+    shutil.rmtree(orb / "params" / "part-00000")
+    with pytest.raises(ConversionError, match=r"missing \['part-00000'\]"):
+        convert.open_orbax(orb)
+    meta["parts"] = 0
+    (orb / "v4jax.json").write_text(json.dumps(meta))
+    with pytest.raises(ConversionError, match="'parts' must be a positive integer, got 0"):
+        convert.open_orbax(orb)
+    with pytest.raises(ConversionError, match="--part-size: cannot read 'lots'"):
+        convert.hf_to_orbax(d / "hf", tmp_path / "out", part_size="lots", progress=False)
 
 
 def test_raw_bytes_fallback_is_byte_exact(tmp_path, monkeypatch):
@@ -415,10 +484,10 @@ def test_error_damaged_orbax_metadata(tmp_path, small_pair):
     d, cfg = small_pair
     orb = tmp_path / "orbax"
     shutil.copytree(d / "orbax", orb)
-    (orb / "params" / "_METADATA").unlink()
-    with pytest.raises(ConversionError, match=r"params: not a readable orbax checkpoint.*missing or damaged"):
+    (orb / "params" / "part-00000" / "_METADATA").unlink()
+    with pytest.raises(ConversionError, match=r"params/part-00000: not a readable orbax checkpoint.*missing or damaged"):
         convert.open_orbax(orb)
-    with pytest.raises(SystemExit, match=r"error: .*params: not a readable orbax checkpoint"):
+    with pytest.raises(SystemExit, match=r"error: .*params/part-00000: not a readable orbax checkpoint"):
         main(["orbax-to-hf", "--orbax", str(orb), "--out", str(tmp_path / "out"), "--quiet"])
     run = {"model": {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type")}}
     manager = ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute())

@@ -1,6 +1,6 @@
 """Checkpoint conversion CLI (the logic lives in ``v4jax.hf.convert``; see docs/conversion.md).
 
-  python -m v4jax.convert hf-to-orbax --hf DIR --out DIR [--dtype bfloat16|float32] [--force]
+  python -m v4jax.convert hf-to-orbax --hf DIR --out DIR [--dtype bfloat16|float32] [--part-size 2GB] [--force]
   python -m v4jax.convert orbax-to-hf --orbax DIR --out DIR [--shard-size 5GB] [--force]
 
 ``hf-to-orbax`` without ``--dtype`` keeps the released tensors as they are (byte-exact round trip);
@@ -24,6 +24,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="write the float layout (dequantised) in this dtype; default: the released layout")
+    p.add_argument("--part-size", default="2GB",
+                   help="bytes per orbax checkpoint under params/, e.g. 2GB (default), 500MB: host memory holds "
+                        "one part plus the leaf being converted")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p = sub.add_parser("orbax-to-hf", help="orbax form or train.py checkpoint -> released HF safetensors")
@@ -43,7 +46,7 @@ def main(argv=None):
     try:
         if args.cmd == "hf-to-orbax":
             out = convert.hf_to_orbax(args.hf, args.out, dtype=args.dtype, force=args.force,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet, part_size=args.part_size)
         else:
             out = convert.orbax_to_hf(args.orbax, args.out, shard_size=args.shard_size, force=args.force,
                                       progress=not args.quiet)

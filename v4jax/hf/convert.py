@@ -3,12 +3,13 @@
 The orbax form (docs/conversion.md) is a directory::
 
     config.json    the HF checkpoint's config.json, copied as it is (and copied back on export)
-    v4jax.json     {"format": "v4jax-params", "version": 1, "layout": "released" | "float",
-                    "dtype": ..., "raw_dtypes": {leaf name: true dtype}}
-    params/        an orbax PyTree checkpoint of the model's parameter pure dict
+    v4jax.json     {"format": "v4jax-params", "version": 2, "layout": "released" | "float",
+                    "dtype": ..., "parts": N, "raw_dtypes": {leaf name: true dtype}}
+    params/        part-00000 … part-{N-1}: orbax PyTree checkpoints, each of some of the leaves of the
+                   model's parameter pure dict (version 1: params/ itself was one checkpoint)
 
-``params`` has the structure of ``nnx.to_pure_dict(nnx.state(model))`` (nested dicts, list indices as
-int keys, names mirroring the released tensor names, routed experts stacked ``[E, ...]``). Layout
+The parts together have the structure of ``nnx.to_pure_dict(nnx.state(model))`` (nested dicts, list
+indices as int keys, names mirroring the released tensor names, routed experts stacked ``[E, ...]``). Layout
 ``released`` keeps every tensor as the release stores it (FP8 + E8M0 scales, packed FP4, BF16, F32,
 ``tid2eid`` int64), so HF -> orbax -> HF is byte-exact; layout ``float`` holds dequantised weights of
 one float dtype (training). Leaves of a dtype orbax cannot store exactly are kept as their raw bytes
@@ -18,9 +19,8 @@ one float dtype (training). Leaves of a dtype orbax cannot store exactly are kep
     orbax_to_hf(src, out_dir, shard_size=5e9)     # src: orbax form or a train.py checkpoint
     load_orbax_model(path, mode=..., layout=...)  # a Transformer from the orbax form
 
-Memory: HF -> orbax holds one copy of the parameter tree (released layout: memory-mapped views of
-the shards, copies only for stacked experts); orbax -> HF restores one leaf at a time and writes each
-tensor into its shard as it is produced. Outputs are written to a temporary sibling directory and
+Memory: HF -> orbax holds one part (``--part-size``, default 2 GB) plus the leaf being built; orbax ->
+HF restores one leaf at a time and writes each tensor into its shard as it is produced. Outputs are written to a temporary sibling directory and
 renamed into place only when complete.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +54,9 @@ from v4jax.hf.names import expected_tensors, expert_stack, path_to_name, tensor_
 from v4jax.hf.safetensors import DTYPES, INDEX_FILE, CheckpointError, SafetensorsReader
 
 
-FORMAT, VERSION = "v4jax-params", 1
+FORMAT, VERSION = "v4jax-params", 2  # version 1: params/ was one checkpoint (still read)
 META_FILE, PARAMS_DIR = "v4jax.json", "params"
+PART_SIZE = "2GB"  # default bytes per orbax checkpoint under params/
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 FLOAT_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 _QUANTISED = ("F8_E4M3", "I8")
@@ -67,17 +68,17 @@ class ConversionError(CheckpointError):
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def parse_size(text: str | int) -> int:
-    """``"5GB"`` -> 5·10⁹ bytes, ``"500MiB"`` -> 500·2²⁰; a bare number is bytes."""
+def parse_size(text: str | int, flag: str = "--shard-size") -> int:
+    """``"5GB"`` -> 5·10⁹ bytes, ``"500MiB"`` -> 500·2²⁰; a bare number is bytes (errors name ``flag``)."""
     if isinstance(text, int):
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise ConversionError(f"--shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+        raise ConversionError(f"{flag}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
     base = 1024 if m.group(3) else 1000
     size = int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
     if size <= 0:
-        raise ConversionError(f"--shard-size must be positive, got {text!r}")
+        raise ConversionError(f"{flag} must be positive, got {text!r}")
     return size
 
 
@@ -266,22 +267,43 @@ def orbax_keeps(dtype) -> bool:
     return _KEEPS[dtype]
 
 
-def save_params(path: Path, flat: dict[str, np.ndarray]) -> dict[str, str]:
-    """Write ``{leaf name: array}`` as an orbax PyTree checkpoint at ``path`` (which must not exist).
+def part_dir(params: Path, i: int) -> Path:
+    return params / f"part-{i:05d}"
 
-    Returns ``raw_dtypes``: leaves stored as uint8 bytes because orbax cannot keep their dtype exactly.
+
+def save_params(path: Path, leaves: Iterable[tuple[str, np.ndarray]], *,
+                part_size: int | str = PART_SIZE) -> tuple[dict[str, str], int]:
+    """Write ``(leaf name, array)`` pairs under ``path`` (which must not exist) as orbax PyTree checkpoints
+    ``part-00000``, ``part-00001``, …: each holds the next leaves in order until they reach ``part_size``
+    bytes. ``leaves`` may be a generator: a part is written as soon as it is full and then dropped, so
+    host memory holds one part (at most ``part_size`` plus one leaf), not the whole tree.
+
+    Returns ``(raw_dtypes, number of parts)``; ``raw_dtypes`` names the leaves stored as uint8 bytes
+    because orbax cannot keep their dtype exactly.
     """
     import orbax.checkpoint as ocp
-    raw, stored = {}, {}
-    for name, a in flat.items():
+    limit = parse_size(part_size, "--part-size")
+    path = Path(path).absolute()
+    path.mkdir()
+    raw, part, size, n = {}, {}, 0, 0
+
+    def flush():
+        nonlocal part, size, n
+        ocp.PyTreeCheckpointer().save(part_dir(path, n), _nest(part))
+        part, size, n = {}, 0, n + 1
+
+    for name, a in leaves:
         a = np.asarray(a)
-        if orbax_keeps(a.dtype):
-            stored[name] = a
-        else:
+        if not orbax_keeps(a.dtype):
             raw[name] = a.dtype.name
-            stored[name] = np.ascontiguousarray(a).view(np.uint8)
-    ocp.PyTreeCheckpointer().save(Path(path).absolute(), _nest(stored))
-    return raw
+            a = np.ascontiguousarray(a).view(np.uint8)
+        part[name] = a
+        size += a.nbytes
+        if size >= limit:
+            flush()
+    if part or not n:
+        flush()
+    return raw, n
 
 
 @dataclass
@@ -293,11 +315,12 @@ class OrbaxParams:
     dtype: str                        # float dtype of the weights ("bfloat16" in the released layout)
     raw_dtypes: dict[str, str]
     leaves: dict[str, jax.ShapeDtypeStruct]   # true shape / dtype of every leaf
+    part_of: dict[str, Path]          # the orbax checkpoint holding each leaf
 
-    def _restore(self, item: dict) -> dict:
+    def _restore(self, part: Path, item: dict) -> dict:
         import orbax.checkpoint as ocp
         args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return ocp.PyTreeCheckpointer().restore((self.path / PARAMS_DIR).absolute(),
+        return ocp.PyTreeCheckpointer().restore(part.absolute(),
                                                 args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                                             partial_restore=True))
 
@@ -312,9 +335,15 @@ class OrbaxParams:
         return jax.ShapeDtypeStruct(s.shape, s.dtype)
 
     def read(self, names) -> dict[str, np.ndarray]:
-        """The named leaves only (one orbax partial restore)."""
-        item = _nest({n: self._stored(n) for n in names}, int_keys=False)
-        return {n: self._fix(n, a) for n, a in _flatten(self._restore(item)).items()}
+        """The named leaves only (one orbax partial restore per part they are in)."""
+        by_part: dict[Path, list[str]] = {}
+        for n in names:
+            by_part.setdefault(self.part_of[n], []).append(n)
+        out = {}
+        for part, group in by_part.items():
+            item = _nest({n: self._stored(n) for n in group}, int_keys=False)
+            out.update((n, self._fix(n, a)) for n, a in _flatten(self._restore(part, item)).items())
+        return out
 
     def leaf(self, name: str) -> np.ndarray:
         return self.read([name])[name]
@@ -357,27 +386,47 @@ def open_orbax(path) -> OrbaxParams:
         raise ConversionError(f"{p / META_FILE}: invalid JSON ({e})") from None
     if meta.get("format") != FORMAT:
         raise ConversionError(f"{p / META_FILE}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise ConversionError(f"{p / META_FILE}: version {meta.get('version')!r} is not supported (need {VERSION})")
+    if meta.get("version") not in (1, VERSION):
+        raise ConversionError(f"{p / META_FILE}: version {meta.get('version')!r} is not supported (1 or {VERSION})")
     layout, dtype = meta.get("layout"), meta.get("dtype")
     if layout not in ("released", "float") or (layout == "float" and dtype not in FLOAT_DTYPES):
         raise ConversionError(f"{p / META_FILE}: bad layout/dtype {layout!r}/{dtype!r}")
     if not (p / "config.json").is_file():
         raise ConversionError(f"{p}: config.json is missing")
     cfg = from_hf_config(p)
-    if not (p / PARAMS_DIR).is_dir():
-        raise ConversionError(f"{p}: the orbax parameter checkpoint {PARAMS_DIR}/ is missing")
-    tree = metadata_tree(p / PARAMS_DIR)
+    params = p / PARAMS_DIR
+    if not params.is_dir():
+        raise ConversionError(f"{p}: the orbax parameter checkpoints {PARAMS_DIR}/ are missing")
     raw = dict(meta.get("raw_dtypes") or {})
-    leaves = {}
-    for name, m in _flatten(tree).items():
-        shape, dt = tuple(m.shape), np.dtype(m.dtype)
-        if name in raw:
-            dt = _dtype_named(raw[name])
-            shape = (*shape[:-1], shape[-1] // dt.itemsize)
-        leaves[name] = jax.ShapeDtypeStruct(shape, dt)
+    leaves, part_of = {}, {}
+    for part in _parts(params, meta, where=p / META_FILE):
+        for name, m in _flatten(metadata_tree(part)).items():
+            if name in part_of:
+                raise ConversionError(f"{params}: leaf {name!r} is stored twice ({part_of[name].name}, {part.name})")
+            shape, dt = tuple(m.shape), np.dtype(m.dtype)
+            if name in raw:
+                dt = _dtype_named(raw[name])
+                shape = (*shape[:-1], shape[-1] // dt.itemsize)
+            leaves[name], part_of[name] = jax.ShapeDtypeStruct(shape, dt), part
     check_leaves(cfg, leaves, layout, dtype, where=str(p / PARAMS_DIR))
-    return OrbaxParams(p, cfg, layout, dtype or "bfloat16", raw, leaves)
+    return OrbaxParams(p, cfg, layout, dtype or "bfloat16", raw, leaves, part_of)
+
+
+def _parts(params: Path, meta: dict, *, where: Path) -> list[Path]:
+    """The orbax checkpoints under ``params``: version 1 wrote one (``params`` itself), version 2
+    ``meta["parts"]`` numbered ones, all of which must be there and nothing else."""
+    if meta["version"] == 1:
+        return [params]
+    n = meta.get("parts")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConversionError(f"{where}: 'parts' must be a positive integer, got {n!r}")
+    want = [part_dir(params, i) for i in range(n)]
+    have = set(params.iterdir())
+    missing, unexpected = [q.name for q in want if q not in have], sorted(q.name for q in have - set(want))
+    if missing or unexpected:
+        raise ConversionError(f"{params}: {where.name} records {n} part(s); missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}")
+    return want
 
 
 def check_leaves(cfg: ModelConfig, leaves: dict, layout: str, dtype: str | None, *, where: str):
@@ -407,28 +456,30 @@ def check_leaves(cfg: ModelConfig, leaves: dict, layout: str, dtype: str | None,
 
 # ------------------------------------------------------------------------------------------- HF -> orbax
 
-def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, progress: bool = True) -> Path:
+def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = False, progress: bool = True,
+                part_size: int | str = PART_SIZE) -> Path:
     """Convert a released HF checkpoint to the orbax form.
 
     ``dtype=None``: layout ``released`` (every tensor kept as stored; byte-exact round trip);
-    ``"bfloat16"`` / ``"float32"``: layout ``float`` (FP8 / FP4 dequantised, for training).
+    ``"bfloat16"`` / ``"float32"``: layout ``float`` (FP8 / FP4 dequantised, for training). Leaves are
+    built one at a time and written in orbax checkpoints of about ``part_size`` bytes (``save_params``).
     """
     hf = _existing_dir(hf_dir, "HF checkpoint directory")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(FLOAT_DTYPES)}, got {dtype!r}")
+    parse_size(part_size, "--part-size")
     if not (hf / "config.json").is_file():
         raise ConversionError(f"{hf} is not an HF checkpoint: config.json is missing")
     cfg = from_hf_config(hf)
     layout = "released" if dtype is None else "float"
     E = cfg.n_routed_experts
     check_output(out_dir, force=force, sources=[hf])
-    with SafetensorsReader(hf) as reader, staging_dir(Path(out_dir), force=force, sources=[hf]) as tmp:
-        validate(reader, cfg)
+
+    def leaves(reader):
         target = abstract_params(cfg, layout, dtype)
-        flat = {}
-        for name, t in tqdm(target.items(), desc="reading", unit="leaf", disable=not progress):
+        for name, t in tqdm(target.items(), desc="converting", unit="leaf", disable=not progress):
             if layout == "float":
-                flat[name] = read_leaf(reader, name, t, E)
+                yield name, read_leaf(reader, name, t, E)
                 continue
             parts = [reader[n] for n in tensor_names(name, E)]
             a = np.stack(parts) if expert_stack(name) is not None else parts[0]
@@ -437,14 +488,14 @@ def hf_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, force: bool = Fals
             if a.dtype != t.dtype or a.shape != tuple(t.shape):
                 raise ConversionError(f"tensor {name!r}: checkpoint gives {a.dtype.name}{list(a.shape)}, the "
                                       f"released layout needs {t.dtype.name}{list(t.shape)}")
-            flat[name] = a
-        if progress:
-            print(f"writing {len(flat)} leaves to {Path(out_dir) / PARAMS_DIR} ...", flush=True)
-        raw = save_params(tmp / PARAMS_DIR, flat)
-        del flat
+            yield name, a
+
+    with SafetensorsReader(hf) as reader, staging_dir(Path(out_dir), force=force, sources=[hf]) as tmp:
+        validate(reader, cfg)
+        raw, n_parts = save_params(tmp / PARAMS_DIR, leaves(reader), part_size=part_size)
         shutil.copyfile(hf / "config.json", tmp / "config.json")  # every key kept, also those v4jax ignores
         _write_json(tmp / META_FILE, {"format": FORMAT, "version": VERSION, "layout": layout,
-                                      "dtype": dtype or "bfloat16", "raw_dtypes": raw})
+                                      "dtype": dtype or "bfloat16", "parts": n_parts, "raw_dtypes": raw})
         _copy_side_files(hf, tmp)
     return Path(out_dir)
 
