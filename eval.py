@@ -604,7 +604,9 @@ def main(argv=None):
 
     args = ap.parse_args(argv)
     from v4jax.config import ConfigError
+    from v4jax.hf.convert import ignore_closed_loop_callbacks
     from v4jax.hf.safetensors import CheckpointError
+    ignore_closed_loop_callbacks()
     try:
         args.device_mesh = _device_mesh(args.mesh)
         with contextlib.ExitStack() as args.exit_stack:

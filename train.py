@@ -34,7 +34,11 @@ def main(argv=None):
         ap.error("--workdir is required (unless --compile-only)")
 
     from v4jax.config import ConfigError, load_config
+    from v4jax.hf.convert import ignore_closed_loop_callbacks
+    from v4jax.hf.safetensors import CheckpointError
     from v4jax.trainer import TrainingStopped, compile_for_tpu, train
+
+    ignore_closed_loop_callbacks()
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -46,7 +50,7 @@ def main(argv=None):
                   f"state and batch {r['arguments_gib']:.2f} GiB, temporaries {r['temporaries_gib']:.2f} GiB)")
             return 0
         metrics = train(cfg, args.workdir, progress=not args.quiet)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
     except TrainingStopped as e:  # a scheduler tells a stopped run (128 + signal) from a finished one (0)
         print(e)

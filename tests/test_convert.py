@@ -502,6 +502,39 @@ def test_error_damaged_orbax_metadata(tmp_path, small_pair):
     assert not (tmp_path / "out").exists()
 
 
+def test_error_damaged_orbax_data_file(tmp_path, small_pair):
+    """A truncated data file: eval.py and orbax-to-hf say which part they could not read and why."""
+    from v4jax.convert import main
+    d, _ = small_pair
+    orb = tmp_path / "orbax"
+    shutil.copytree(d / "orbax", orb)
+    data = orb / "params" / "part-00000" / "ocdbt.process_0" / "d"
+    largest = max(data.iterdir(), key=lambda f: f.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"error: cannot read .*params/part-00000: .*OUT_OF_RANGE"):
+        eval_cli().main(["logits", "--checkpoint", str(orb), "--prefill", "4", "--out", str(tmp_path / "x.npz"),
+                         "--quiet"])
+    with pytest.raises(SystemExit, match=r"error: cannot read .*params/part-00000: .*OUT_OF_RANGE"):
+        main(["orbax-to-hf", "--orbax", str(orb), "--out", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_closed_loop_callbacks_are_dropped_and_nothing_else(monkeypatch):
+    """tensorstore's late callbacks into orbax's closed event loop (printed as tracebacks after a read
+    error) are dropped by the CLIs' hook; any other unraisable exception still reaches the old hook."""
+    import sys
+    from types import SimpleNamespace
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    convert.ignore_closed_loop_callbacks()
+    closed = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(exc_value=RuntimeError("something else"))
+    typed = SimpleNamespace(exc_value=ValueError("Event loop is closed"))
+    for u in (closed, other, typed):
+        sys.unraisablehook(u)
+    assert seen == [other, typed]
+
+
 def test_error_output_not_empty(tmp_path, small_pair, monkeypatch):
     d, _ = small_pair
     out = tmp_path / "out"

@@ -541,6 +541,7 @@ def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path, monkeypatch)
     from v4jax.checkpoint import load_train_params
     from v4jax.hf import convert
     from v4jax.hf.checkpoint import load_model
+    from v4jax.hf.safetensors import CheckpointError
     from v4jax.trainer import train
 
     base = [*FAST, "checkpoint.async_save=false"]
@@ -576,6 +577,17 @@ def test_training_starts_from_the_weights_of_a_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=r"holds a different model.*\n  sliding_window: checkpoint 32, run 16"):
         train(load_config(TINY, still + ["model.sliding_window=16", f"train.init_from={src}"]),
               tmp_path / "other", progress=False)
+
+    # a damaged data file: the resumed run and init_from name what they could not read (and resume from
+    # no other step by themselves)
+    for data in (tmp_path / "from_run" / "checkpoints" / "2" / "state", tmp_path / "orbax" / "params" / "part-00000"):
+        largest = max((data / "ocdbt.process_0" / "d").iterdir(), key=lambda f: f.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"cannot restore the checkpoint of step 2 .*from_run/checkpoints/2\): "
+                                              r".*\(move .*/2 away to resume from step 1\)"):
+        train(load_config(TINY, still + ["train.steps=3"]), tmp_path / "from_run", progress=False)
+    with pytest.raises(ConfigError, match=r"train.init_from: cannot read .*orbax/params/part-00000: "):
+        train(load_config(TINY, still + [f"train.init_from={tmp_path}/orbax"]), tmp_path / "from_bad", progress=False)
 
 
 def test_optimizer_state_follows_parameter_shardings():

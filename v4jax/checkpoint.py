@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 
 from v4jax import data as data_lib
 from v4jax.config import RUNTIME_KEYS, CheckpointConfig, ConfigError, ModelConfig, build
+from v4jax.hf.safetensors import CheckpointError
 
 
 class TrainCheckpointer:
@@ -50,13 +51,24 @@ class TrainCheckpointer:
         data_dir = self.directory / str(step) / "data"
         if (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").is_file():
             args = ocp.args.Composite(state=state, data=data_lib.restore_args(data_iter))
+        else:
+            saved = {f.name: json.loads(f.read_text()) for f in sorted(data_dir.glob("process_*-of-*.json"))}
+            if not saved or any(v != next(iter(saved.values())) for v in saved.values()):
+                raise ConfigError(f"{data_dir}: no data-iterator position to restore, or the processes' "
+                                  f"differ: {saved}")
+            data_iter.set_state(next(iter(saved.values())))
+            args = ocp.args.Composite(state=state)
+        try:
             return self.manager.restore(step, args=args)["state"]
-        saved = {f.name: json.loads(f.read_text()) for f in sorted(data_dir.glob("process_*-of-*.json"))}
-        if not saved or any(v != next(iter(saved.values())) for v in saved.values()):
-            raise ConfigError(f"{data_dir}: no data-iterator position to restore, or the processes' "
-                              f"differ: {saved}")
-        data_iter.set_state(next(iter(saved.values())))
-        return self.manager.restore(step, args=ocp.args.Composite(state=state))["state"]
+        except Exception as e:  # tensorstore / orbax: a damaged or truncated file of this step
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            older = [s for s in self.manager.all_steps() if s < step]
+            hint = (f"move {self.directory / str(step)} away to resume from step {max(older)}" if older else
+                    "no older checkpoint is kept")
+            raise CheckpointError(f"cannot restore the checkpoint of step {step} ({self.directory / str(step)}): "
+                                  f"{cause} ({hint})") from e
 
     def saved_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -89,11 +101,9 @@ class TrainRunParams:
 
     def read(self, names) -> dict[str, np.ndarray]:
         """The named leaves only (one orbax partial restore)."""
-        from v4jax.hf.convert import _flatten, _nest
+        from v4jax.hf.convert import _flatten, _nest, restore_leaves
         item = _nest({f"{self.section[n]}.{n}": self.leaves[n] for n in names}, int_keys=False)
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        got = ocp.PyTreeCheckpointer().restore(self.path / "state", args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True))
+        got = restore_leaves(self.path / "state", item)
         return {n.split(".", 1)[1]: np.asarray(a) for n, a in _flatten(got).items()}
 
     def leaf(self, name: str) -> np.ndarray:

@@ -42,6 +42,7 @@ def main(argv=None):
     from v4jax.hf import convert
     from v4jax.hf.safetensors import CheckpointError
 
+    convert.ignore_closed_loop_callbacks()
     t0 = time.time()
     try:
         if args.cmd == "hf-to-orbax":

@@ -317,13 +317,6 @@ class OrbaxParams:
     leaves: dict[str, jax.ShapeDtypeStruct]   # true shape / dtype of every leaf
     part_of: dict[str, Path]          # the orbax checkpoint holding each leaf
 
-    def _restore(self, part: Path, item: dict) -> dict:
-        import orbax.checkpoint as ocp
-        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return ocp.PyTreeCheckpointer().restore(part.absolute(),
-                                                args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                            partial_restore=True))
-
     def _fix(self, name: str, a) -> np.ndarray:
         a = np.asarray(a)
         return a.view(_dtype_named(self.raw_dtypes[name])) if name in self.raw_dtypes else a
@@ -342,7 +335,7 @@ class OrbaxParams:
         out = {}
         for part, group in by_part.items():
             item = _nest({n: self._stored(n) for n in group}, int_keys=False)
-            out.update((n, self._fix(n, a)) for n, a in _flatten(self._restore(part, item)).items())
+            out.update((n, self._fix(n, a)) for n, a in _flatten(restore_leaves(part, item)).items())
         return out
 
     def leaf(self, name: str) -> np.ndarray:
@@ -351,6 +344,33 @@ class OrbaxParams:
     def all(self) -> dict[str, np.ndarray]:
         """Every leaf (one full read)."""
         return self.read(self.leaves)
+
+
+def restore_leaves(path: Path, item: dict) -> dict:
+    """The leaves of ``item`` (a nested dict of ShapeDtypeStructs) from the orbax PyTree checkpoint at
+    ``path``, as numpy arrays; a leaf tensorstore cannot read (a truncated or missing data file) is a
+    ``ConversionError`` naming the checkpoint and tensorstore's message."""
+    import orbax.checkpoint as ocp
+    args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    try:
+        return ocp.PyTreeCheckpointer().restore(Path(path).absolute(), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+    except ValueError as e:  # tensorstore's read errors
+        raise ConversionError(f"cannot read {path}: {e}") from e
+
+
+def ignore_closed_loop_callbacks() -> None:
+    """After orbax gives up on an unreadable checkpoint, tensorstore's threads still complete their reads
+    into orbax's closed asyncio loop; each raises ``RuntimeError('Event loop is closed')`` as an
+    unraisable exception, which Python prints as a traceback after the real error. The CLIs call this
+    to drop exactly those (every other unraisable exception goes to the previous hook)."""
+    import sys
+    previous = sys.unraisablehook
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+    sys.unraisablehook = hook
 
 
 def metadata_tree(path: Path) -> dict:
