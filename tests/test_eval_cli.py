@@ -249,6 +249,10 @@ assert w1.sharding.spec[0] == "expert", w1.sharding
 assert w1.addressable_shards[0].data.shape[0] == w1.shape[0] // 2   # each device holds half the experts
 head = model.head.weight[...]
 assert head.sharding.spec[0] == "tensor" and head.addressable_shards[0].data.shape[0] == head.shape[0] // 2
+# wo_a is split by its groups over tensor, as the attention output's heads are (not across each group)
+wo = model.layers[0].attn.wo_a.weight[...]
+rows = wo.sharding.spec[0] if isinstance(wo.sharding.spec[0], tuple) else (wo.sharding.spec[0],)
+assert rows[0] == "tensor" and wo.sharding.spec[-1] is None, wo.sharding
 # a random model from a preset (`--config --mesh`) is created split too, and the cache figure of
 # `eval.py bench` can be computed under the mesh the commands run in
 from v4jax.evaluate import load_any

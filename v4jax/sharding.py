@@ -28,6 +28,10 @@ RULES = {
     "embed": ("fsdp", "expert"),
     "q_lora": ("fsdp", "expert"),   # wq_b / the indexer's wq_b, whose other dim (heads) takes tensor
     "o_lora": ("fsdp", "expert"),   # wo_a (likewise)
+    # wo_a's groups over tensor: the attention output's heads, split over tensor, are whole groups there
+    # (its heads dimension then stays whole); the released FP8 wo_a [G·r, in] splits its group-major rows
+    "o_groups": ("tensor",),
+    "o_group_rows": ("tensor", "fsdp", "expert"),
     "experts": ("expert",),
     "mlp": ("tensor",),
     "heads": ("tensor",),

@@ -45,9 +45,10 @@ class GroupedLinear(nnx.Module):
         self.groups, self.in_dim, self.rank, self.fmt = groups, in_dim, rank, layout.fp8
         self.numerics = numerics
         if self.fmt == "fp8":
-            self.weight = param(placeholder((groups * rank, in_dim), ml_dtypes.float8_e4m3fn), ("o_lora", "heads"))
+            self.weight = param(placeholder((groups * rank, in_dim), ml_dtypes.float8_e4m3fn),
+                                ("o_group_rows", "heads"))
             self.scale = param(placeholder(fp8_scale_shape(groups * rank, in_dim), ml_dtypes.float8_e8m0fnu),
-                               ("o_lora", "heads"))
+                               ("o_group_rows", "heads"))
         else:
             self.weight = param(init_normal(rngs, (groups, rank, in_dim), in_dim, layout.dtype),
                                 ("o_groups", "o_lora", "heads"))
