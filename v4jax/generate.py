@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from v4jax.model.transformer import Transformer
+from v4jax.sharding import weights_in_place
 
 
 class Engine:
@@ -53,7 +54,8 @@ class Engine:
 
         @functools.partial(jax.jit, donate_argnums=(2,))
         def decode(state, token, cache):
-            return nnx.merge(gd, state).decode(token, cache)
+            with weights_in_place():  # under a mesh: partial products, not gathered weights
+                return nnx.merge(gd, state).decode(token, cache)
 
         @jax.jit
         def mtp(state, X, next_tokens):

@@ -75,34 +75,79 @@ def spec_for(shape, logical, mesh: Mesh, rules: dict = RULES) -> P:
     return P(*out)
 
 
-_GATHER: list[bool] = []  # set by ``gathered_weights``
+_WEIGHTS: list[str] = []  # set by ``gathered_weights`` ("gather") / ``weights_in_place`` ("in_place")
 
 
 @contextlib.contextmanager
 def gathered_weights():
     """While tracing under this context (the training step), ``for_compute`` gathers the dense weights
-    where they are used: FSDP. Outside it (inference) XLA's partitioner chooses, which for decoding's
-    few rows rightly keeps each weight where it lies and sums the small partial products instead."""
-    _GATHER.append(True)
+    where they are used: FSDP. Left free, XLA's partitioner may instead keep the weight where it lies
+    and compute every sequence of the global batch on every device (V4-Flash on 256 TPU chips: a
+    64 GiB ``[256, 4096, 32768]`` partial product, summed over all of them)."""
+    _WEIGHTS.append("gather")
     try:
         yield
     finally:
-        _GATHER.pop()
+        _WEIGHTS.pop()
+
+
+@contextlib.contextmanager
+def weights_in_place():
+    """While tracing under this context (a decoding step: a few rows), ``for_compute`` keeps each weight
+    split as it lies, so a device multiplies its part of the weight and the small partial products are
+    summed across devices. Left free, XLA's partitioner gathers the weights instead: V4-Flash over
+    ``expert=8`` moved every dense weight and the 1 GiB output head to every device at each token."""
+    _WEIGHTS.append("in_place")
+    try:
+        yield
+    finally:
+        _WEIGHTS.pop()
 
 
 def for_compute(x, param: nnx.Variable):
-    """``x``, the value of the parameter ``param`` (or one computed from it, of the same shape), split over
-    the current mesh only as it is computed with (inside ``gathered_weights``): over ``tensor``, gathered
-    over the batch axes (data, fsdp, expert) that split it at rest. This is FSDP's all-gather before use
-    (the backward pass sums the gradient back onto the shards): left free in training, XLA's partitioner
-    may instead keep the weight where it lies and compute every sequence of the global batch on every
-    device (V4-Flash on 256 TPU chips: a 64 GiB ``[256, 4096, 32768]`` partial product, summed over all
-    of them). Outside ``gathered_weights``, without a mesh, or inside ``shard_map``: ``x`` as it is."""
+    """``x``, the value of the parameter ``param`` (or one computed from it, of the same shape), pinned to
+    the sharding it is computed with under the current mesh: inside ``gathered_weights`` split over
+    ``tensor`` only, gathered over the batch axes (data, fsdp, expert) that split it at rest (FSDP's
+    all-gather before use; the backward pass sums the gradient back onto the shards); inside
+    ``weights_in_place`` its sharding at rest. Otherwise, without a mesh, or inside ``shard_map``: ``x``
+    as it is (XLA's partitioner chooses; for prefill's many rows it gathers the weights)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not _GATHER or mesh.empty or mesh.manual_axes or not set(AXES) <= set(mesh.axis_names):
+    if not _WEIGHTS or mesh.empty or mesh.manual_axes or not set(AXES) <= set(mesh.axis_names):
         return x
     logical = param.get_metadata().get("out_sharding")
-    return jax.lax.with_sharding_constraint(x, spec_for(x.shape, logical, mesh, _COMPUTE_RULES))
+    rules = _COMPUTE_RULES if _WEIGHTS[-1] == "gather" else RULES
+    spec = spec_for(x.shape, logical, mesh, rules)
+    if _WEIGHTS[-1] == "in_place" and not any(spec):
+        return x  # not split: nothing to keep in place (libtpu's compiler also failed on such a constraint)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _in_place_dims(x, param: nnx.Variable, dim: int):
+    """``x`` with its last dimension split as dimension ``dim`` of ``param`` is at rest (its other
+    dimensions left to XLA), inside ``weights_in_place`` under a mesh; otherwise ``x``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if (not _WEIGHTS or _WEIGHTS[-1] != "in_place" or mesh.empty or mesh.manual_axes
+            or not set(AXES) <= set(mesh.axis_names)):
+        return x
+    logical = param.get_metadata().get("out_sharding") or (None,) * param.ndim
+    spec = spec_for(param.shape, logical, mesh)
+    if not any(spec):
+        return x  # the weight is not split: nothing to keep in place
+    return jax.lax.with_sharding_constraint(x, P(*(P.UNCONSTRAINED,) * (x.ndim - 1), spec[dim]))
+
+
+def input_for(x, param: nnx.Variable):
+    """Inside ``weights_in_place``: ``x``, the input of a matmul with the weight ``param [out, in]``,
+    split on ``in`` as the weight is, so each device contracts its part and XLA sums the small partial
+    products instead of gathering the weight. Otherwise ``x``."""
+    return _in_place_dims(x, param, -1)
+
+
+def output_for(y, param: nnx.Variable):
+    """Inside ``weights_in_place``: ``y``, the output of a matmul with ``param [out, in]``, split on
+    ``out`` as the weight is, so each device computes its rows of the weight (XLA then gathers the small
+    output, not the weight). Otherwise ``y``."""
+    return _in_place_dims(y, param, 0)
 
 
 def per_matrix(fn, x, spec: P, mesh: Mesh):

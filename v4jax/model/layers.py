@@ -20,7 +20,7 @@ from flax import nnx
 from pallas_kernels._core import platform
 from v4jax import quant
 from v4jax.config import MODES
-from v4jax.sharding import for_compute
+from v4jax.sharding import for_compute, input_for, output_for
 
 
 KV_CACHES = ("auto", "fp8")
@@ -232,7 +232,7 @@ class Linear(nnx.Module):
     def __call__(self, x):
         if self.numerics.qat and self.qat_input and self.numerics.fp8_linears:
             x = quant.fake_quant_fp8(x, 128)
-        return dot(x, self.dequantized(x.dtype), self.numerics)
+        return output_for(dot(input_for(x, self.weight), self.dequantized(x.dtype), self.numerics), self.weight)
 
 
 class Embed(nnx.Module):

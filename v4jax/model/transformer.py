@@ -18,7 +18,7 @@ from v4jax.model.cache import Cache
 from v4jax.model.hyper import hc_head, hc_mixes, hc_post, hc_pre
 from v4jax.model.layers import Embed, Linear, Numerics, RMSNorm, WeightLayout, dot_f32, param
 from v4jax.model.moe import MoE
-from v4jax.sharding import for_compute
+from v4jax.sharding import for_compute, input_for
 
 
 def _hc_params(rngs: nnx.Rngs, hc: int, dim: int, rows: int, scales: int):
@@ -187,7 +187,8 @@ class Transformer(nnx.Module):
 
     def logits_from_state(self, X, owner=None):
         """Final state ``[..., hc, D]`` -> fp32 logits ``[..., V]`` (``head_inputs`` @ headᵀ)."""
-        return dot_f32(self.head_inputs(X, owner), for_compute(self.head.weight[...], self.head.weight))
+        return dot_f32(input_for(self.head_inputs(X, owner), self.head.weight),
+                       for_compute(self.head.weight[...], self.head.weight))
 
     # ------------------------------------------------------------------ full sequences
     def __call__(self, tokens, *, max_len: int | None = None, train: bool = False, remat: bool = False,
