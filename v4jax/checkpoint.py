@@ -60,7 +60,7 @@ class TrainCheckpointer:
             args = ocp.args.Composite(state=state)
         try:
             return self.manager.restore(step, args=args)["state"]
-        except Exception as e:  # tensorstore / orbax: a damaged or truncated file of this step
+        except Exception as e:  # orbax / tensorstore, e.g. a damaged or truncated file of this step
             cause = e
             while cause.__cause__ is not None:
                 cause = cause.__cause__

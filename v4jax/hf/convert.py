@@ -9,8 +9,8 @@ The orbax form (docs/conversion.md) is a directory::
                    model's parameter pure dict (version 1: params/ itself was one checkpoint)
 
 The parts together have the structure of ``nnx.to_pure_dict(nnx.state(model))`` (nested dicts, list
-indices as int keys, names mirroring the released tensor names, routed experts stacked ``[E, ...]``). Layout
-``released`` keeps every tensor as the release stores it (FP8 + E8M0 scales, packed FP4, BF16, F32,
+indices as int keys, names mirroring the released tensor names, routed experts stacked ``[E, ...]``).
+Layout ``released`` keeps every tensor as the release stores it (FP8 + E8M0 scales, packed FP4, BF16, F32,
 ``tid2eid`` int64), so HF -> orbax -> HF is byte-exact; layout ``float`` holds dequantised weights of
 one float dtype (training). Leaves of a dtype orbax cannot store exactly are kept as their raw bytes
 (uint8) with the true dtype in ``raw_dtypes``.
@@ -20,8 +20,8 @@ one float dtype (training). Leaves of a dtype orbax cannot store exactly are kep
     load_orbax_model(path, mode=..., layout=...)  # a Transformer from the orbax form
 
 Memory: HF -> orbax holds one part (``--part-size``, default 2 GB) plus the leaf being built; orbax ->
-HF restores one leaf at a time and writes each tensor into its shard as it is produced. Outputs are written to a temporary sibling directory and
-renamed into place only when complete.
+HF restores one leaf at a time and writes each tensor into its shard as it is produced. Outputs are
+written to a temporary sibling directory and renamed into place only when complete.
 """
 from __future__ import annotations
 
