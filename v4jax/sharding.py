@@ -150,6 +150,21 @@ def output_for(y, param: nnx.Variable):
     return _in_place_dims(y, param, 0)
 
 
+def collective_bytes(hlo: str) -> dict[str, int]:
+    """``{collective kind: bytes its ops produce}`` of a compiled HLO module's text (``all-gather``,
+    ``all-reduce``, ``all-to-all``, ``reduce-scatter``, ``collective-permute``): what a step moves between
+    devices, per device."""
+    import re
+    out: dict[str, int] = {}
+    for line in hlo.splitlines():
+        m = re.search(r"=\s*(\(?[^=]*?)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                      r"(-start)?\(", line)
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)) if m else ():
+            itemsize = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2}.get(dtype, 1 if dtype.startswith("f8") else 4)
+            out[m.group(2)] = out.get(m.group(2), 0) + math.prod(int(d) for d in dims.split(",") if d) * itemsize
+    return out
+
+
 def per_matrix(fn, x, spec: P, mesh: Mesh):
     """``fn`` applied to ``x`` ``[b..., m, n]``, a stack of matrices split over ``mesh`` as ``spec`` says, for an
     ``fn`` that needs each matrix whole and treats them independently (Muon's Newton–Schulz). The

@@ -145,19 +145,6 @@ def test_train_compile_only_for_a_tpu_slice():
     assert lines[-1].startswith("per device: ") and "GiB (parameters, optimizer state and batch" in lines[-1], lines
 
 
-def _collective_bytes(hlo: str, kind: str) -> int:
-    """Bytes produced by the ``kind`` collectives (e.g. ``all-gather``) of a compiled HLO module."""
-    import re
-    import numpy as np
-    total = 0
-    for line in hlo.splitlines():
-        m = re.search(rf"=\s*(\(?[^=]*?)\s+{kind}(-start)?\(", line)
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)) if m else ():
-            itemsize = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2}.get(dtype, 1 if dtype.startswith("f8") else 4)
-            total += int(np.prod([int(d) for d in dims.split(",") if d])) * itemsize
-    return total
-
-
 @pytest.mark.parametrize("mesh", ["expert=8", "fsdp=8"])
 def test_decode_moves_activations_not_weights_on_a_tpu_slice(mesh):
     """``Engine.decode`` of V4-Flash's shapes (2 layers, the released FP8 / FP4 weights) over 8 v5p chips:
@@ -169,7 +156,7 @@ def test_decode_moves_activations_not_weights_on_a_tpu_slice(mesh):
     from v4jax.generate import Engine
     from v4jax.model.layers import WeightLayout
     from v4jax.model.transformer import Transformer
-    from v4jax.sharding import make_mesh, param_shardings
+    from v4jax.sharding import collective_bytes, make_mesh, param_shardings
     from v4jax.trainer import tpu_devices
 
     cfg = load_config(REPO / "configs" / "v4_flash.yaml", ["model.num_hidden_layers=2", "model.num_hash_layers=1",
@@ -186,4 +173,4 @@ def test_decode_moves_activations_not_weights_on_a_tpu_slice(mesh):
     cache = jax.eval_shape(lambda: model.init_cache(8, 4096))
     with pk.target_platform("tpu"), jax.set_mesh(mesh):
         hlo = engine._decode.lower(state, jax.ShapeDtypeStruct((8,), jnp.int32), cache).compile().as_text()
-    assert _collective_bytes(hlo, "all-gather") < 4 * 2**20
+    assert collective_bytes(hlo).get("all-gather", 0) < 4 * 2**20
