@@ -211,3 +211,89 @@ def test_expert_capacity_drops_the_pairs_past_it():
     out = subprocess.run([sys.executable, "-c", _CAPACITY_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=600, cwd=tests.parent)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+_WIDTHS_SCRIPT = """
+import sys
+from pathlib import Path
+import chex, jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from v4jax.hf.checkpoint import load_model
+from v4jax.model.layers import Numerics, WeightLayout
+from v4jax.model.moe import MoE
+from v4jax.sharding import collective_bytes, param_shardings, weights_in_place
+from conftest import small_config, write_random_checkpoint
+
+mesh = Mesh(np.asarray(jax.devices()).reshape(1, 2, 2, 2), ("data", "fsdp", "expert", "tensor"))
+
+def placed(state):
+    with jax.set_mesh(mesh):
+        pure = jax.device_put(nnx.to_pure_dict(state), param_shardings(state, mesh))
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+# training-side: float experts, values and gradients (I over tensor; D over fsdp for these few rows)
+for impl in ("xla", "pallas"):
+    cfg = small_config(moe_impl=impl)
+    moe = MoE(cfg, hashed=False, numerics=Numerics("exact"), layout=WeightLayout.float(), rngs=nnx.Rngs(3))
+    graphdef, params = nnx.split(moe, nnx.Param)
+    for shape in ((4, 8), (1, 3)):
+        x = jax.random.normal(jax.random.key(4), (*shape, cfg.hidden_size))
+        tokens = jnp.zeros(shape, jnp.int32)
+
+        def loss(params, x):
+            y, _ = nnx.merge(graphdef, params)(x, tokens)
+            return jnp.sum(jnp.sin(y))
+
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        one = f(params, x)
+        with jax.set_mesh(mesh):
+            jaxpr = str(jax.make_jaxpr(loss)(params, x))
+            got = f(placed(nnx.split(moe, nnx.Param)[1]), x)
+        assert "psum[axes=('fsdp',)" in jaxpr and "'tensor'" in jaxpr, jaxpr  # the widths stayed split
+        chex.assert_trees_all_close(got, one, rtol=1e-5, atol=1e-5)
+
+# decoding: quantised experts as released; no expert weight moves between devices
+for dtype, mode in (("fp4", "exact"), ("fp8", "exact"), ("fp4", "qat")):
+    cfg = small_config(expert_dtype=dtype, n_routed_experts=8, hidden_size=256, moe_intermediate_size=256)
+    path = Path(sys.argv[1]) / f"{dtype}-{mode}"
+    write_random_checkpoint(path, cfg)
+    ffn = load_model(path, mode=mode, layout="released", progress=False).layers[1].ffn
+    x = jax.random.normal(jax.random.key(1), (1, 3, cfg.hidden_size))
+    ids = jnp.zeros((1, 3), jnp.int32)
+    graphdef, state = nnx.split(ffn)
+
+    @jax.jit
+    def step(state, x):
+        with weights_in_place():
+            return nnx.merge(graphdef, state)(x, ids)[0]
+
+    one = step(state, x)
+    state = placed(state)
+    with jax.set_mesh(mesh):
+        got = step(state, x)
+        moved = collective_bytes(step.lower(state, x).compile().as_text())
+    chex.assert_trees_all_close(got, one, rtol=1e-5, atol=1e-5)
+    # the experts' weights (fp4: 3 x 8 x 256 x 128 bytes) used to be gathered over fsdp and tensor
+    assert moved.get("all-gather", 0) < 16 * 1024, (dtype, mode, moved)
+print("ok")
+"""
+
+
+def test_expert_widths_stay_split_over_tensor_and_fsdp(tmp_path):
+    """On a mesh with fsdp = expert = tensor = 2 (8 host devices) each device multiplies the part of its
+    experts' weights it holds (hidden width over tensor, model width over fsdp for a few rows):
+    values and gradients equal one device's, and a decoding step of released (FP4 / FP8) experts
+    gathers none of their weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _WIDTHS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=900)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -69,6 +69,11 @@ class Gate(nnx.Module):
         return idx, w, g
 
 
+def _as_is(products):
+    """``reduce_in`` of ``Experts._routed`` / ``_picked`` where no device splits the model width."""
+    return products
+
+
 class ExpertWeight(nnx.Module):
     """One stacked expert matrix ``[E, out, in]`` (float), FP4 ``[E, out, in/2]`` + ``[E, out, in/32]``,
     or FP8 ``[E, out, in]`` + block scales."""
@@ -128,7 +133,10 @@ class Experts(nnx.Module):
         and each row's partial sums go back to the device that owns the row, summed on the way
         (``psum_scatter``): 2·T·D·(n-1)/n elements moved per device, independent of top-k. When the
         rows do not divide that way (decoding a few tokens), they are split over ``data`` × ``fsdp``
-        only, or not at all, and the partial sums are added over ``expert`` (``psum``).
+        only, or not at all, and the partial sums are added over ``expert`` (``psum``). The experts'
+        hidden width is split over ``tensor`` as at rest (partial sums added over ``tensor``), and for
+        a few rows their model width over ``fsdp`` too: a device multiplies only the part of its
+        experts' weights it holds.
 
         Dropless, a device's buffers hold every pair of the gathered rows (n·T·k), whatever share of
         them its experts take: at V4-Flash scale (n = 64) hundreds of GiB. ``moe_capacity`` c > 0 bounds
@@ -152,9 +160,35 @@ class Experts(nnx.Module):
             return routed(x, idx, w, *ws, n_experts=E).astype(dt), jnp.zeros((), jnp.float32)
         if E % n:
             raise ValueError(f"n_routed_experts ({E}) must be a multiple of the mesh's expert axis ({n})")
-        row_axes = sharding.row_axes(x.shape[0], dict(mesh.shape))
+        # Inside the shard_map each device also keeps its part of the experts' widths as they lie at
+        # rest, instead of gathering those weights at every call (at V4-Flash shapes, decoding 4 layers
+        # on expert=4 × tensor=2: 3.2 GiB per step): the hidden width I over `tensor` (each device's
+        # SwiGLU units; the down-projection's partial sums are added over `tensor`), and, for a few rows
+        # (decoding), the model width D over `fsdp`: the rows are then gathered over `fsdp` rather than
+        # split, and the first products' partial sums added over `fsdp` before the SwiGLU. A width is
+        # kept split only where its parts hold whole blocks (the scales of the quantised weights passed
+        # in, the QAT activation blocks).
+        sizes = dict(mesh.shape)
+        block = 1
+        if self.numerics.qat and self.numerics.quantized_experts:
+            block = 128
+        if routed == self._picked:
+            block = max(block, 32 if self.w1.fmt == "fp4" else 128)
+        T, k = idx.shape
+        I, D = self.w1.weight.shape[1], x.shape[1]
+        t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)
+        tp = "tensor" if t > 1 and I % (t * block) == 0 else None
+        # D over fsdp where the partial sums (two [T·k, I] float32) and the rows' gather are less than
+        # the device's experts' weights it saves gathering (training's many rows: they are not)
+        weight_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(ws)) // n
+        few_rows = 8 * T * k * I + 2 * T * D * x.dtype.itemsize < weight_bytes
+        dp = "fsdp" if f > 1 and few_rows and D % (f * block) == 0 else None
+        row_axes = sharding.row_axes(T, {a: s for a, s in sizes.items() if not (dp and a == "fsdp")})
         split = "expert" in row_axes
-        rows = P(row_axes) if row_axes else P()
+        row = row_axes or None
+        rows = P(row)
+        up, down = P("expert", tp, dp), P("expert", dp, tp)  # w1, w3 [E, I, D]; w2 [E, D, I]
+        reduce_in = (lambda a: jax.lax.psum(a, "fsdp")) if dp else _as_is
 
         def local(x, idx, w, w1, w2, w3):
             if split:
@@ -163,23 +197,28 @@ class Experts(nnx.Module):
             pairs = idx.size
             if self.capacity and routed == self._routed and n > 1:
                 cap = min(pairs, math.ceil(self.capacity * pairs / n))
-                y, counts = self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n, capacity=cap)
+                y, counts = self._routed(x, idx - first, w, w1, w2, w3, n_experts=E // n, capacity=cap,
+                                         reduce_in=reduce_in)
             else:
-                y, counts = routed(x, idx - first, w, w1, w2, w3, n_experts=E // n), jnp.zeros(2)
+                y = routed(x, idx - first, w, w1, w2, w3, n_experts=E // n, reduce_in=reduce_in)
+                counts = jnp.zeros(2)
             # (dropped, local) pairs over the mesh: each pair is some device's local pair once per
             # replica of its rows, so the ratio is the dropped fraction
             counts = jax.lax.psum(counts.astype(jnp.float32), tuple(mesh.axis_names))
             if split:
-                return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True), counts
-            return jax.lax.psum(y, "expert"), counts
+                y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+                return (jax.lax.psum(y, "tensor") if tp else y), counts
+            return jax.lax.psum(y, ("expert", "tensor") if tp else "expert"), counts
 
         # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check, and with it
         # JAX 0.10 lost the sum over `expert` of the x / w cotangents of the psum form.
-        y, counts = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P("expert"), P("expert"), P("expert")),
-                                  out_specs=(rows, P()), check_vma=False)(x, idx, w, *ws)
+        specs = [tuple(up if m is not self.w2 else down for _ in stored) for m, stored in zip(mats, ws)] \
+            if routed == self._picked else [up, down, up]
+        y, counts = jax.shard_map(local, mesh=mesh, in_specs=(P(row, dp), rows, rows, *specs),
+                                  out_specs=(P(row, dp), P()), check_vma=False)(x, idx, w, *ws)
         return y.astype(dt), jax.lax.stop_gradient(counts[0] / jnp.maximum(counts[1], 1.0))
 
-    def _picked(self, x, idx, w, q1, q2, q3, *, n_experts: int):
+    def _picked(self, x, idx, w, q1, q2, q3, *, n_experts: int, reduce_in=_as_is):
         """``_routed`` for a few pairs with quantised weights ``q1, q2, q3`` (``ExpertWeight.stored()``):
         each (token, slot) pair's expert matrices are gathered still quantised, dequantised, and
         applied to that pair's row; the same products as ``_routed``."""
@@ -196,17 +235,19 @@ class Experts(nnx.Module):
             return jnp.einsum("pi,poi->po", rows, mats, precision=prec, preferred_element_type=jnp.float32)
 
         xs = jnp.repeat(x, k, axis=0)
-        h = swiglu(mm(xs, w1), mm(xs, w3), self.limit)
+        h = swiglu(*reduce_in((mm(xs, w1), mm(xs, w3))), self.limit)
         h = (h * jnp.where(here, w.reshape(-1), 0.0)[:, None]).astype(dt)
         if self.numerics.qat and self.numerics.quantized_experts:
             h = quant.fake_quant_fp8(h, 128, rows=jnp.arange(T * k) // k)
         return jnp.sum(mm(h, w2).reshape(T, k, -1), axis=1)
 
-    def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int, capacity: int | None = None):
+    def _routed(self, x, idx, w, w1, w2, w3, *, n_experts: int, capacity: int | None = None,
+                reduce_in=_as_is):
         """The experts ``0 … n_experts-1`` of stacked weights ``[n_experts, out, in]``, float32 ``[T, D]``;
         pairs whose index is outside that range contribute nothing. With ``capacity``: only the first
         ``capacity`` of those pairs in expert order count, and the result is (out, int32 [dropped pairs,
-        pairs of these experts])."""
+        pairs of these experts]). ``reduce_in`` takes the first products (of w1, w3; float32) and
+        returns them summed over the devices that split the model width (``Experts.__call__``)."""
         T, k = idx.shape
         dt, prec = x.dtype, self.numerics.precision
         if self.numerics.qat and self.numerics.quantized_experts:
@@ -228,7 +269,7 @@ class Experts(nnx.Module):
             return jax.lax.ragged_dot(lhs, jnp.swapaxes(wt, 1, 2), sizes, precision=prec,
                                       preferred_element_type=jnp.float32)
 
-        h = swiglu(grouped(xs, w1), grouped(xs, w3), self.limit)
+        h = swiglu(*reduce_in((grouped(xs, w1), grouped(xs, w3))), self.limit)
         h = (h * jnp.take(w.reshape(-1), order)[:, None]).astype(dt)
         if self.numerics.qat and self.numerics.quantized_experts:
             h = quant.fake_quant_fp8(h, 128, rows=order // k)
