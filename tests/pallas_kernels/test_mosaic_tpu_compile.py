@@ -145,12 +145,13 @@ def test_train_compile_only_for_a_tpu_slice():
     assert lines[-1].startswith("per device: ") and "GiB (parameters, optimizer state and batch" in lines[-1], lines
 
 
-@pytest.mark.parametrize("mesh", ["expert=8", "fsdp=8"])
+@pytest.mark.parametrize("mesh", ["expert=8", "fsdp=8", "expert=4,tensor=2", "expert=4,fsdp=2"])
 def test_decode_moves_activations_not_weights_on_a_tpu_slice(mesh):
     """``Engine.decode`` of V4-Flash's shapes (2 layers, the released FP8 / FP4 weights) over 8 v5p chips:
     each chip multiplies the part of each weight it holds and the small partial products are summed.
     Left to itself, XLA's partitioner gathered every dense weight and the 1 GiB output head to every
-    chip at each token (1.2 GiB of all-gathers per step; now under 4 MiB)."""
+    chip at each token (1.2 GiB of all-gathers per step; now under 4 MiB); with ``expert`` and
+    ``tensor`` / ``fsdp`` the routed experts' widths were also gathered (1.6 GiB per step)."""
     from flax import nnx
     from v4jax.config import MeshConfig, load_config
     from v4jax.generate import Engine
@@ -161,8 +162,8 @@ def test_decode_moves_activations_not_weights_on_a_tpu_slice(mesh):
 
     cfg = load_config(REPO / "configs" / "v4_flash.yaml", ["model.num_hidden_layers=2", "model.num_hash_layers=1",
                                                           "model.compress_ratios=[4,128,0]"]).model
-    axis, size = mesh.split("=")
-    mesh = make_mesh(MeshConfig(**{axis: int(size)}), tpu_devices("v5p:2x2x2"))
+    mesh = make_mesh(MeshConfig(**{k: int(v) for k, v in (a.split("=") for a in mesh.split(","))}),
+                     tpu_devices("v5p:2x2x2"))
     model = nnx.eval_shape(lambda: Transformer(cfg, mode="production", layout=WeightLayout.released(cfg),
                                                rngs=nnx.Rngs(0)))
     engine = Engine(model, max_len=4096)
