@@ -20,6 +20,20 @@ from v4jax.hf.safetensors import INDEX_FILE, write_safetensors
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_on_host_devices(script: str, n_devices: int, *args: str, timeout: int = 600, env: dict | None = None):
+    """``python -c script *args`` in a fresh process whose CPU backend has ``n_devices`` devices (a mesh
+    needs them before JAX starts), importing this directory's modules (``conftest``, the model tests').
+    Returns the ``CompletedProcess`` (text output)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **(env or {}), XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO / "tests" / "model"), str(REPO),
+                                           os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=REPO)
+
+
 def eval_cli():
     """``eval.py`` imported as a module (its helpers are tested directly)."""
     spec = importlib.util.spec_from_file_location("v4jax_eval_cli", REPO / "eval.py")

@@ -138,16 +138,9 @@ def test_muon_splits_each_stack_of_matrices_over_the_mesh():
     """On a mesh, Newton-Schulz runs on whole matrices, each device a share of each stack
     (``sharding.per_matrix``), with the values of one device; XLA left to itself gathers every
     stack onto every device (V4-Flash: 5.4 GiB per chip for each of the largest)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_on_host_devices
 
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _PER_MATRIX_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = run_on_host_devices(_PER_MATRIX_SCRIPT, 8, env={"JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 

@@ -17,7 +17,7 @@ from v4jax.model.attention import indexer_kl
 from v4jax.model.moe import ExpertWeight
 from v4jax import quant
 from v4jax.train_step import cross_entropy, sequence_balance_loss, update_gate_biases
-from conftest import REPO
+from conftest import REPO, run_on_host_devices
 
 TINY = REPO / "configs" / "tiny.yaml"
 # small and quick: two layers (CSA + hash routing, HCA) and the MTP block, short sequences
@@ -289,12 +289,7 @@ def test_scanned_layers_give_the_unrolled_loss_and_gradients(where):
     gradients equal the unrolled model's, up to float32 reordering (remat on vs off differs as much:
     4e-4 of the largest head-gradient entry); the lowered step has fewer matmuls (the scan body is
     traced once)."""
-    import os
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _SCAN_SCRIPT, where], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = run_on_host_devices(_SCAN_SCRIPT, 4, where)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -347,11 +342,7 @@ def test_gradient_accumulation_gives_the_whole_batch_step():
     host devices: each microbatch is still split over the batch axes, one sequence per device) microbatches gives the one-pass
     step's metrics, gradients (SGD with rate 1: the parameter change) and gate-bias update, up to
     float32 reordering."""
-    import os
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _ACCUM_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    out = run_on_host_devices(_ACCUM_SCRIPT, 4)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -392,11 +383,7 @@ def test_weights_are_gathered_so_each_device_computes_its_own_sequences():
     contracting dimension is split over the same axes as the batch; on V4-Flash over 256 TPU chips
     this was a 64 GiB product): with ``sharding.for_compute`` returning its input unchanged, this check
     sees ``[2, 8]`` (checked when written; not rerun, to keep the suite short)."""
-    import os
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _FSDP_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    out = run_on_host_devices(_FSDP_SCRIPT, 4)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2]
 

@@ -4,14 +4,9 @@ lower one inside an automatically partitioned program, and a Triton kernel would
 every GPU. Four host devices stand in for a slice."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import run_on_host_devices
 
 _SCRIPT = """
 import chex, jax, jax.numpy as jnp, numpy as np
@@ -75,8 +70,5 @@ def test_kernels_on_a_mesh_match_one_device():
     """Values and gradients of the training forward (all Pallas kernels, interpret mode), and prefill +
     decode logits (one sequence: replicated rows), on data x tensor and fsdp x expert meshes equal
     one device's; the same step lowers for TPU on the mesh (Mosaic kernels inside shard_maps)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900,
-                         cwd=REPO)
+    out = run_on_host_devices(_SCRIPT, 4, timeout=900)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -9,7 +9,7 @@ from flax import nnx
 
 from v4jax.model.layers import Numerics, WeightLayout
 from v4jax.model.moe import MoE
-from conftest import small_config
+from conftest import run_on_host_devices, small_config
 
 
 def _moe(hashed, **over):
@@ -128,16 +128,7 @@ print("ok")
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_expert_parallel_matches_one_device(impl):
     """On a mesh with expert=2 (4 host devices), values and gradients equal the single-device MoE."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _EP_SCRIPT, impl], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = run_on_host_devices(_EP_SCRIPT, 4, impl)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -200,16 +191,7 @@ def test_expert_capacity_drops_the_pairs_past_it():
     """moe_capacity on a mesh with expert=4 (4 host devices, one expert each): each device keeps its
     expert's first ceil(c * pairs / 4) pairs in (token, slot) order; the rest contribute nothing and the
     dropped fraction is reported. A capacity with room for every pair gives the dropless result."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(tests), str(tests / "model"), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _CAPACITY_SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600, cwd=tests.parent)
+    out = run_on_host_devices(_CAPACITY_SCRIPT, 4)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -286,14 +268,5 @@ def test_expert_widths_stay_split_over_tensor_and_fsdp(tmp_path):
     experts' weights it holds (hidden width over tensor, model width over fsdp for a few rows):
     values and gradients equal one device's, and a decoding step of released (FP4 / FP8) experts
     gathers none of their weights."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _WIDTHS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=900)
+    out = run_on_host_devices(_WIDTHS_SCRIPT, 8, str(tmp_path), timeout=900)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
