@@ -212,8 +212,8 @@ class Experts(nnx.Module):
 
         # check_vma=False: Pallas interpret mode cannot run inside the varying-axes check, and with it
         # JAX 0.10 lost the sum over `expert` of the x / w cotangents of the psum form.
-        specs = [tuple(up if m is not self.w2 else down for _ in stored) for m, stored in zip(mats, ws)] \
-            if routed == self._picked else [up, down, up]
+        # quantised (weight, scale) pairs: the same split for both
+        specs = [(s,) * len(a) if routed == self._picked else s for s, a in zip((up, down, up), ws)]
         y, counts = jax.shard_map(local, mesh=mesh, in_specs=(P(row, dp), rows, rows, *specs),
                                   out_specs=(P(row, dp), P()), check_vma=False)(x, idx, w, *ws)
         return y.astype(dt), jax.lax.stop_gradient(counts[0] / jnp.maximum(counts[1], 1.0))
