@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,8 +124,8 @@ def for_compute(x, param: nnx.Variable):
 
 
 def _in_place_dims(x, param: nnx.Variable, dim: int):
-    """``x`` with its last dimension split as dimension ``dim`` of ``param`` is at rest (its other
-    dimensions left to XLA), inside ``weights_in_place`` under a mesh; otherwise ``x``."""
+    """Inside ``weights_in_place`` under a mesh: ``x`` with its last dimension split as dimension ``dim``
+    of ``param`` is split at rest (its other dimensions left to XLA); otherwise ``x``."""
     mesh = jax.sharding.get_abstract_mesh()
     if (not _WEIGHTS or _WEIGHTS[-1] != "in_place" or mesh.empty or mesh.manual_axes
             or not set(AXES) <= set(mesh.axis_names)):
@@ -154,7 +155,6 @@ def collective_bytes(hlo: str) -> dict[str, int]:
     """``{collective kind: bytes its ops produce}`` of a compiled HLO module's text (``all-gather``,
     ``all-reduce``, ``all-to-all``, ``reduce-scatter``, ``collective-permute``): what a step moves between
     devices, per device."""
-    import re
     out: dict[str, int] = {}
     for line in hlo.splitlines():
         m = re.search(r"=\s*(\(?[^=]*?)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
